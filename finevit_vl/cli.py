@@ -1,0 +1,44 @@
+"""`finevit-vl` command line: one entry point, each sub-command implemented in its own module.
+
+Sub-commands are imported lazily so `finevit-vl --help` stays fast and a sub-command's heavy dependencies
+(accelerate, lmms-eval) are only needed when it runs.
+"""
+
+import importlib
+import sys
+
+
+# name -> ("module:function", one-line help). Each function takes the remaining argv and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("finevit_vl.assembly:main", "assemble a FineViT-VL from a FineViT checkpoint and any HF causal-LM checkpoint"),
+    "make-data": ("finevit_vl.data.synthetic:main", "generate the synthetic fine-grained data set (train + held-out eval)"),
+    "train": ("finevit_vl.train.__main__:main", "train a stage from a YAML config (use `accelerate launch -m finevit_vl.train` for multi-process)"),
+    "eval": ("finevit_vl.eval.suite:main", "run an lmms-eval suite of FineViT tasks on a checkpoint and write JSON + markdown"),
+    "quickstart": ("finevit_vl.quickstart:main", "the demo: data -> tiny model -> Stage III -> SFT -> lmms-eval -> report"),
+    "bench": ("finevit_vl.bench:main", "run the benchmarks in benchmarks/ and write results + BENCHMARKS.md"),
+    "tasks-path": ("finevit_vl.eval.tasks_path:main", "print the directory to pass to `lmms-eval --include_path`"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: finevit-vl <command> [args]", "", "commands:"]
+    lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"finevit-vl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name = COMMANDS[name][0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The FineViT and FineViT-VL model files (flat, sibling imports only, so checkpoints carry them as remote code)."""
+
+from .configuration_finevit import FINEVIT_PRESETS, FineViTConfig
+from .configuration_finevit_vl import FineViTVLConfig
+from .image_processing_finevit import FineViTImageProcessor
+from .modeling_finevit import FineViTModel, FineViTPreTrainedModel
+from .modeling_finevit_vl import (
+    FineViTVLForConditionalGeneration,
+    FineViTVLModel,
+    FineViTVLPreTrainedModel,
+    FineViTVLProjector,
+)
+from .processing_finevit_vl import FineViTVLProcessor
+
+
+__all__ = [
+    "FINEVIT_PRESETS",
+    "FineViTConfig",
+    "FineViTImageProcessor",
+    "FineViTModel",
+    "FineViTPreTrainedModel",
+    "FineViTVLConfig",
+    "FineViTVLForConditionalGeneration",
+    "FineViTVLModel",
+    "FineViTVLPreTrainedModel",
+    "FineViTVLProcessor",
+    "FineViTVLProjector",
+]

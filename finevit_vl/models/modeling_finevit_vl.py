@@ -1,0 +1,334 @@
+# Copyright 2026 The FineViT-VL Authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch FineViT-VL: FineViT encoder -> 2x2 merge + MLP projector -> any causal LLM."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.auto import AutoModel
+from transformers.utils import logging
+
+from .configuration_finevit_vl import FineViTVLConfig
+from .modeling_finevit import FineViTModel
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class FineViTVLModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.Tensor` of shape `(num_image_tokens, text_hidden_size)`, *optional*):
+        Projected image features that replaced the image placeholder tokens.
+    """
+
+    image_hidden_states: torch.Tensor | None = None
+
+
+@dataclass
+class FineViTVLCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.Tensor` of shape `(1,)`, *optional*): next-token loss on `labels` (-100 ignored).
+    logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
+    past_key_values (`Cache`, *optional*): the KV cache for generation.
+    hidden_states, attentions: as returned by the language model.
+    image_hidden_states (`torch.Tensor`, *optional*): projected image features.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor] | None = None
+    attentions: tuple[torch.Tensor] | None = None
+    image_hidden_states: torch.Tensor | None = None
+
+
+class FineViTVLProjector(nn.Module):
+    """g(.): optional `m x m` spatial merge of neighbouring patches, then a 2-layer MLP into the LLM width.
+
+    The processor emits each merge group contiguously, so the merge is a reshape: `(N, D) -> (N / m^2, m^2 * D)`.
+    """
+
+    def __init__(self, config: FineViTVLConfig) -> None:
+        super().__init__()
+        self.merge_unit = config.spatial_merge_size**2
+        num_feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        input_size = config.vision_config.hidden_size * num_feature_layers * self.merge_unit
+        text_size = config.text_config.hidden_size
+        intermediate_size = config.projector_intermediate_size or text_size
+        self.norm = nn.LayerNorm(input_size, eps=1e-6)
+        self.linear_1 = nn.Linear(input_size, intermediate_size, bias=True)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(intermediate_size, text_size, bias=True)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        # (total_patches, D) -> (total_patches / m^2, m^2 * D)
+        hidden_states = image_features.reshape(-1, image_features.shape[-1] * self.merge_unit)
+        return self.linear_2(self.act(self.linear_1(self.norm(hidden_states))))
+
+
+class FineViTVLPreTrainedModel(PreTrainedModel):
+    config: FineViTVLConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the vision path does host-side bookkeeping over grid_thw
+
+
+class FineViTVLModel(FineViTVLPreTrainedModel):
+    """Encoder, projector and LLM backbone (no LM head)."""
+
+    def __init__(self, config: FineViTVLConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = FineViTModel(config.vision_config)
+        self.multi_modal_projector = FineViTVLProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        r"""
+        Encode packed images and project them into the LLM's embedding space.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(total_patches, num_channels * patch_size**2)`): packed patches.
+            image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`): patch grid of each image.
+            vision_feature_layer (`int` or `list[int]`, *optional*): overrides `config.vision_feature_layer`.
+
+        Returns:
+            `BaseModelOutputWithPooling` whose `last_hidden_state` holds the encoder's patch features and whose
+            `pooler_output` is a tuple with one `(num_image_tokens_i, text_hidden_size)` tensor per image.
+        """
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        need_hidden_states = any(i != -1 for i in layers)
+        vision_outputs = self.vision_tower(
+            pixel_values, image_grid_thw, output_hidden_states=need_hidden_states, return_pooled=False, return_dict=True
+        )
+        # -1 means the final, normed features; other indices select raw block outputs.
+        selected = [vision_outputs.last_hidden_state if i == -1 else vision_outputs.hidden_states[i] for i in layers]
+        features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+        image_embeds = self.multi_modal_projector(features)
+        merge_unit = self.config.spatial_merge_size**2
+        split_sizes = (image_grid_thw.prod(-1) // merge_unit).tolist()
+        image_embeds = torch.split(image_embeds, split_sizes)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=image_embeds,
+            hidden_states=vision_outputs.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Mask of image placeholder positions `(batch, seq, 1)`; raises if their count differs from the features."""
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            special_image_mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            special_image_mask = input_ids == self.config.image_token_id
+        n_image_tokens = int(special_image_mask.sum())
+        n_image_features = image_features.shape[0]
+        if n_image_tokens != n_image_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text has {n_image_tokens} image tokens but the "
+                f"images produce {n_image_features} features. Build inputs with FineViTVLProcessor so each image "
+                f"placeholder expands to grid_h * grid_w / merge^2 tokens, and pass exactly one image per placeholder."
+            )
+        return special_image_mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        image_token_weight: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> tuple | FineViTVLModelOutputWithPast:
+        r"""
+        Args:
+            image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*): patch grid of each image.
+            image_token_weight (`torch.Tensor`, *optional*): scale applied to the projected image features before
+                they are scattered into the text. The trainer passes 0 for a dummy image on text-only batches so that
+                every rank of a sharded engine runs the vision path (ZeRO-3 / FSDP never hang) without changing the
+                result.
+            mm_encoder_outputs (`dict`, *optional*): pre-computed `{"image": get_image_features(...)}` (used by
+                `generate()` to encode images once, before prefill).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if pixel_values is not None and image_grid_thw is None:
+            raise ValueError("pixel_values were given without image_grid_thw; pass the processor's image_grid_thw too")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values, image_grid_thw)
+        image_features = None
+        if image_outputs is not None:
+            image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            if image_token_weight is not None:
+                # Dummy-image path: the features still flow through the graph (gradients of zero) but add nothing.
+                inputs_embeds = inputs_embeds + (image_features.sum() * image_token_weight).to(inputs_embeds.dtype)
+            else:
+                special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+                inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return FineViTVLModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixin):
+    r"""
+    FineViT-VL with a language-modelling head.
+
+    Example:
+
+    ```python
+    >>> import finevit_vl  # registers the Auto classes
+    >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+    >>> model = AutoModelForImageTextToText.from_pretrained("path/to/finevit-vl")
+    >>> processor = AutoProcessor.from_pretrained("path/to/finevit-vl")
+    >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}]}]
+    >>> text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    >>> inputs = processor(images=[image], text=[text], return_tensors="pt")
+    >>> output_ids = model.generate(**inputs, max_new_tokens=16)
+    ```"""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: FineViTVLConfig) -> None:
+        super().__init__(config)
+        self.model = FineViTVLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    @property
+    def vision_tower(self) -> FineViTModel:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> FineViTVLProjector:
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs
+    ) -> tuple | BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        image_token_weight: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> tuple | FineViTVLCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids with image tokens.
+            pixel_values (`torch.Tensor` of shape `(total_patches, num_channels * patch_size**2)`, *optional*).
+            image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*).
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): LM targets, -100 ignored.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*): compute logits only for the last N positions.
+        """
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            image_grid_thw=image_grid_thw,
+            image_token_weight=image_token_weight,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+
+        output = FineViTVLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+        return output.to_tuple() if return_dict is False else output
+
+
+__all__ = [
+    "FineViTVLForConditionalGeneration",
+    "FineViTVLModel",
+    "FineViTVLPreTrainedModel",
+    "FineViTVLProjector",
+]
