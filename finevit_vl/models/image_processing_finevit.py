@@ -184,7 +184,7 @@ class FineViTImageProcessor(BaseImageProcessor):
         if self.backend == "torchvision":
             from torchvision.transforms.v2 import functional as tvF  # optional dependency, imported on use
 
-            tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+            tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
             mode = {"bicubic": tvF.InterpolationMode.BICUBIC, "bilinear": tvF.InterpolationMode.BILINEAR,
                     "lanczos": tvF.InterpolationMode.LANCZOS}[self.resample]
             tensor = tvF.resize(tensor, [height, width], interpolation=mode, antialias=True)

@@ -91,6 +91,8 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
     def __init__(self, config: FineViTVLConfig) -> None:
         super().__init__(config)
         self.vision_tower = FineViTModel(config.vision_config)
+        # The contrastive pooling head is unused here; frozen so DDP / FSDP see no parameters without gradients.
+        self.vision_tower.head.requires_grad_(False)
         self.multi_modal_projector = FineViTVLProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -241,6 +243,9 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
     ```"""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Keeps the encoder and projector out of bitsandbytes quantization (the quantizer skips these modules) and in fp32
+    # when a checkpoint is force-loaded in fp16 (ViT activations overflow fp16).
+    _keep_in_fp32_modules = ["model.vision_tower", "model.multi_modal_projector"]
 
     def __init__(self, config: FineViTVLConfig) -> None:
         super().__init__(config)

@@ -1,0 +1,32 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create the environment when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench setup lint clean
+
+setup: $(STAMP)
+
+# torch/torchvision are pinned to the builds pip finds on this machine's local index (CPU works with them; lmms-eval
+# needs torchvision). Everything else comes from pyproject.toml.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[all]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/finevit-vl quickstart $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/finevit-vl bench $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check finevit_vl tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,141 @@
+"""Assemble a FineViT-VL from a FineViT checkpoint (or preset) and any Hugging Face causal-LM checkpoint.
+
+    finevit-vl build --vision path/to/finevit --llm path/to/Qwen3-1.7B --out path/to/finevit-vl
+
+The LLM's weights are renamed on load (`<base_model_prefix>.*` -> `model.language_model.*`), the image token (and the
+chat format's turn tokens, if missing) are added to the tokenizer, the embeddings are resized, and the result is saved
+with its processor and chat template, ready for `AutoModelForImageTextToText.from_pretrained`.
+"""
+
+import argparse
+import os
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .models import (
+    FINEVIT_PRESETS,
+    FineViTConfig,
+    FineViTImageProcessor,
+    FineViTModel,
+    FineViTVLConfig,
+    FineViTVLForConditionalGeneration,
+    FineViTVLProcessor,
+)
+from .models.chat_templates import CHAT_FORMATS, build_chat_template, chat_format_for
+from .models.processing_finevit_vl import DEFAULT_IMAGE_TOKEN
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_format: str, image_token: str = DEFAULT_IMAGE_TOKEN) -> int:
+    """Add the image token and the chat format's special tokens when missing. Returns how many tokens were added."""
+    _, end_of_turn, format_tokens = CHAT_FORMATS[chat_format]
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (image_token, end_of_turn, *format_tokens) if t not in vocab]
+    missing = list(dict.fromkeys(missing))
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return len(missing)
+
+
+def load_vision_tower(vision: str) -> FineViTModel:
+    """A FineViT from a checkpoint directory, or a randomly initialised one from a preset name."""
+    if vision in FINEVIT_PRESETS:
+        return FineViTModel(FineViTConfig.from_preset(vision))
+    if not os.path.isdir(vision):
+        raise ValueError(f"--vision {vision!r} is neither a directory nor a preset ({sorted(FINEVIT_PRESETS)})")
+    config = AutoConfig.from_pretrained(vision)
+    if config.model_type not in ("finevit", "finevit_vl"):
+        raise ValueError(f"{vision}/config.json has model_type {config.model_type!r}; expected a FineViT checkpoint")
+    if config.model_type == "finevit_vl":  # take the encoder out of a trained FineViT-VL
+        return FineViTVLForConditionalGeneration.from_pretrained(vision).model.vision_tower
+    return FineViTModel.from_pretrained(vision)
+
+
+def build_finevit_vl(
+    vision: str,
+    llm: str,
+    out_dir: str | None = None,
+    chat_format: str | None = None,
+    vision_feature_layer: int | list[int] = -1,
+    spatial_merge_size: int = 2,
+    max_pixels: int = 1008 * 1008,
+    min_pixels: int = 56 * 56,
+    dtype: torch.dtype | str = torch.float32,
+) -> tuple[FineViTVLForConditionalGeneration, FineViTVLProcessor]:
+    """Build a FineViT-VL from parts; save it to `out_dir` when given.
+
+    Args:
+        vision: FineViT checkpoint directory (or a FineViT-VL one, whose encoder is taken), or a preset name.
+        llm: any Hugging Face causal-LM checkpoint directory with its tokenizer.
+        chat_format: `"chatml"` or `"llama3"`; chosen from the LLM's `model_type` when omitted.
+    """
+    if not os.path.isdir(llm):
+        raise ValueError(f"--llm {llm!r} is not a directory (download the checkpoint first; no hub access at build time)")
+    text_config = AutoConfig.from_pretrained(llm)
+    if type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{llm}: model_type {text_config.model_type!r} is not a causal language model")
+    llm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    chat_format = chat_format_for(text_config.model_type, chat_format)
+    prepare_tokenizer(tokenizer, chat_format)
+
+    vision_tower = load_vision_tower(vision)
+    config = FineViTVLConfig(
+        vision_config=vision_tower.config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
+        vision_feature_layer=vision_feature_layer,
+        spatial_merge_size=spatial_merge_size,
+    )
+    # The LLM checkpoint keys are `<prefix>.layers...` and `lm_head...`; ours are `model.language_model.layers...`.
+    key_mapping = {rf"^{llm_class.base_model_prefix}\.": "model.language_model."}
+    model = FineViTVLForConditionalGeneration.from_pretrained(llm, config=config, key_mapping=key_mapping, dtype=dtype)
+    # transformers remembers a user key_mapping and reverses it on save; our checkpoint must keep our own key names.
+    model._weight_conversions = None
+    model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # New rows start at the mean embedding (as resize does by default): a sane start for LoRA with saved embeddings.
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    end_of_turn = tokenizer.convert_tokens_to_ids(CHAT_FORMATS[chat_format][1])
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    model.generation_config.eos_token_id = list(dict.fromkeys([end_of_turn, *eos]))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    image_processor = FineViTImageProcessor(
+        patch_size=vision_tower.config.patch_size, merge_size=spatial_merge_size, max_pixels=max_pixels, min_pixels=min_pixels
+    )
+    processor = FineViTVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=build_chat_template(chat_format, DEFAULT_IMAGE_TOKEN)
+    )
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    return model, processor
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finevit-vl build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vision", required=True, help="FineViT checkpoint dir or preset name")
+    parser.add_argument("--llm", required=True, help="HF causal-LM checkpoint dir (with tokenizer)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--chat-format", choices=sorted(CHAT_FORMATS), default=None)
+    parser.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-1])
+    parser.add_argument("--merge-size", type=int, default=2)
+    parser.add_argument("--max-pixels", type=int, default=1008 * 1008)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    args = parser.parse_args(argv)
+    layer = args.vision_feature_layer[0] if len(args.vision_feature_layer) == 1 else args.vision_feature_layer
+    model, _ = build_finevit_vl(
+        args.vision, args.llm, args.out, chat_format=args.chat_format, vision_feature_layer=layer,
+        spatial_merge_size=args.merge_size, max_pixels=args.max_pixels, dtype=getattr(torch, args.dtype),
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"saved FineViT-VL ({n_params / 1e6:.1f}M parameters) to {args.out}")
+    return 0
+
+
+__all__ = ["build_finevit_vl", "load_vision_tower", "prepare_tokenizer"]

@@ -1,0 +1,166 @@
+"""FineViT-VL: any-LLM composition, image-token merge, loss, generation with KV cache, tying, save/load, Auto classes."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+import finevit_vl
+from finevit_vl import FineViTVLForConditionalGeneration
+from finevit_vl.tiny import build_tiny_model
+
+from conftest import random_image
+
+
+def _prompt(processor, question: str, n_images: int = 1) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_llama"])
+def test_forward_loss_and_gradients_reach_every_module(fixture, request, images):
+    model, processor = request.getfixturevalue(fixture)
+    model = model.train()
+    texts = [_prompt(processor, "How many circles?") + "3", _prompt(processor, "Read the text.", 2) + "hello"]
+    inputs = processor(images=[images[0], images[1], images[2]], text=texts, padding=True)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    out = model(**inputs, labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for part in ("vision_tower", "multi_modal_projector", "language_model"):
+        grads = [p.grad for p in getattr(model.model, part).parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads), f"{part} got no gradient"
+        assert any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def test_text_config_class_follows_llm(tiny_qwen3, tiny_llama):
+    assert tiny_qwen3[0].model.language_model.__class__.__name__ == "Qwen3Model"
+    assert tiny_llama[0].model.language_model.__class__.__name__ == "LlamaModel"
+    assert tiny_llama[1].chat_template.startswith("{{ bos_token }}")  # Llama-3 format
+    assert "<|im_start|>" in tiny_qwen3[1].chat_template  # ChatML
+
+
+def test_image_tokens_are_replaced_by_projected_features(tiny_qwen3, images):
+    model, processor = tiny_qwen3
+    inputs = processor(images=[images[0]], text=[_prompt(processor, "What is this?")])
+    n_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_tokens == int(inputs["image_grid_thw"].prod()) // 4
+    with torch.no_grad():
+        out = model(**inputs)
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    assert out.image_hidden_states.shape == (n_tokens, model.config.text_config.hidden_size)
+    torch.testing.assert_close(out.image_hidden_states, features[0])
+
+
+def test_mismatched_image_tokens_raise_with_both_counts(tiny_qwen3, images):
+    model, processor = tiny_qwen3
+    inputs = processor(images=[images[0], images[1]], text=[_prompt(processor, "Compare.", 2)])
+    n_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    first_image_patches = int(inputs["image_grid_thw"][0].prod())
+    with pytest.raises(ValueError, match=rf"{n_tokens} image tokens but the images produce {first_image_patches // 4} features"):
+        model(
+            input_ids=inputs["input_ids"],
+            pixel_values=inputs["pixel_values"][:first_image_patches],
+            image_grid_thw=inputs["image_grid_thw"][:1],
+        )
+    with pytest.raises(ValueError, match="2 image tokens .* 1 images"):
+        processor(images=[images[0]], text=[_prompt(processor, "Compare.", 2)])
+
+
+def test_dummy_image_weight_leaves_text_logits_unchanged(tiny_qwen3, images):
+    model, processor = tiny_qwen3
+    text_inputs = processor.tokenizer(["just text, no image"], return_tensors="pt")
+    dummy = processor.image_processor([random_image(28, 28)])
+    with torch.no_grad():
+        plain = model(**text_inputs).logits
+        with_dummy = model(**text_inputs, **dummy, image_token_weight=torch.zeros(())).logits
+    torch.testing.assert_close(plain, with_dummy)
+
+
+def test_vision_feature_layers_can_be_selected_and_concatenated(tokenizer, images):
+    model, processor = build_tiny_model("qwen3", tokenizer=tokenizer, vision_feature_layer=[0, -1])
+    assert model.model.multi_modal_projector.linear_1.in_features == 2 * 32 * 4
+    inputs = processor(images=[images[0]], text=[_prompt(processor, "Hi")])
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_generate_uses_cache_and_encodes_images_once(tiny_qwen3, images):
+    model, processor = tiny_qwen3
+    inputs = processor(images=[images[0]], text=[_prompt(processor, "Describe.")])
+    calls = []
+    handle = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        cached = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    finally:
+        handle.remove()
+    assert len(calls) == 1, "the encoder must run once (prefill only)"
+    uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # Greedy generation equals argmax of a full forward over the generated sequence.
+    with torch.no_grad():
+        full = model(input_ids=cached, attention_mask=torch.ones_like(cached), pixel_values=inputs["pixel_values"],
+                     image_grid_thw=inputs["image_grid_thw"]).logits
+    prompt_len = inputs["input_ids"].shape[1]
+    assert torch.equal(full[0, prompt_len - 1 : -1].argmax(-1), cached[0, prompt_len:])
+
+
+def test_batched_left_padded_generation_matches_one_by_one(tiny_qwen3, images):
+    model, processor = tiny_qwen3
+    prompts = [_prompt(processor, "How many?"), _prompt(processor, "Read all the text in the image, please, now.", 2)]
+    image_sets = [[images[0]], [images[1], images[2]]]
+    single = []
+    for prompt, imgs in zip(prompts, image_sets):
+        inputs = processor(images=imgs, text=[prompt])
+        out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        single.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+    batch = processor(images=image_sets, text=prompts, padding=True, padding_side="left")
+    out = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    batched = out[:, batch["input_ids"].shape[1]:].tolist()
+    assert batched == single
+
+
+def test_beam_search_and_sampling_run(tiny_qwen3, images):
+    model, processor = tiny_qwen3
+    inputs = processor(images=[images[0]], text=[_prompt(processor, "Describe.")])
+    beams = model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False)
+    sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.9)
+    assert beams.shape[0] == 1 and sampled.shape[0] == 1
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_and_untied_embeddings_save_and_load(tokenizer, tmp_path, images, tie):
+    model, processor = build_tiny_model("qwen3", tokenizer=tokenizer, tie_word_embeddings=tie)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert ("lm_head.weight" in f.keys()) is (not tie)
+    reloaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()) is tie
+    inputs = AutoProcessor.from_pretrained(tmp_path)(images=[images[0]], text=[_prompt(processor, "Hi")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reloaded.eval()(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_classes_and_vision2seq_alias(tiny_checkpoint):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
+    assert isinstance(model, FineViTVLForConditionalGeneration)
+    assert isinstance(finevit_vl.AutoModelForVision2Seq.from_pretrained(tiny_checkpoint), FineViTVLForConditionalGeneration)
+    assert type(AutoModel.from_pretrained(tiny_checkpoint)).__name__ == "FineViTVLModel"
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    assert type(processor).__name__ == "FineViTVLProcessor"
+    assert type(processor.image_processor).__name__ == "FineViTImageProcessor"
+
+
+def test_image_text_to_text_pipeline(tiny_checkpoint, images):
+    pipe = pipeline("image-text-to-text", model=tiny_checkpoint)
+    messages = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "How many?"}]}]
+    out = pipe(text=messages, max_new_tokens=4, return_full_text=False)
+    assert isinstance(out[0]["generated_text"], str)
+
+
+def test_no_split_modules_cover_encoder_and_llm(tiny_qwen3):
+    assert {"FineViTBlock", "Qwen3DecoderLayer"} <= set(tiny_qwen3[0]._no_split_modules)
