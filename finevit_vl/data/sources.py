@@ -1,0 +1,448 @@
+"""Where records come from: JSONL + image folder, WebDataset tar shards, Hugging Face datasets, and weighted mixtures.
+
+Every source is an iterable of ``(record, location)`` pairs; ``location`` is what a human needs to find the record
+(``data/train.jsonl:17``, ``shards/shard-00003.tar:sample_042``, ``data/x.parquet[train]:9``). Sources do not open
+images and never raise for a single bad record: a line or sample that cannot be parsed comes out as
+``{"_error": reason}`` so the consumer's one ``except BadRecordError`` (raised by
+`finevit_vl.data.images.load_record_images`) catches it and the stream goes on. A typical consumer::
+
+    for record, location in source:
+        try:
+            images = load_record_images(record, location)   # validates, opens, fills width/height
+        except BadRecordError as err:
+            skipped += 1; logger.warning("%s", err); continue
+        messages = record_to_messages(record, record["width"], record["height"])
+
+Distributed training: ``source.shard(rank, world_size)`` yields only the records whose index ``i`` in the full
+stream has ``i % world_size == rank`` (deterministic; shards compose, e.g. for DataLoader workers). Resume:
+``state_dict()`` after consuming records, ``load_state_dict(state)`` on a fresh source with the same sharding, and
+iteration continues with the next record. A file source is a single cursor: iterating again continues where the last
+iteration stopped, and starts over after a complete pass. `MixtureSource` is endless.
+"""
+
+import copy
+import glob
+import itertools
+import json
+import os
+import posixpath
+import random
+import tarfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from .schema import Record
+
+
+RecordWithLocation = tuple[Record, str]
+PathLike = str | os.PathLike
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"})
+
+
+class Source(Protocol):
+    """What the trainer relies on; implemented by `RecordSource` subclasses and `MixtureSource`."""
+
+    def __iter__(self) -> Iterator[RecordWithLocation]: ...
+
+    def shard(self, rank: int, world_size: int) -> "Source": ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _check_shard(rank: int, world_size: int) -> None:
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(
+            f"shard(rank={rank}, world_size={world_size}): need world_size >= 1 and 0 <= rank < world_size"
+        )
+
+
+class RecordSource(ABC):
+    """A finite, ordered stream of records with a resumable cursor and deterministic sharding."""
+
+    def __init__(self) -> None:
+        self._rank, self._world_size = 0, 1
+        self._position = 0  # records of this shard already yielded in the current pass
+        self._epoch = 0  # completed passes
+
+    @abstractmethod
+    def _stream(self, start: int, step: int) -> Iterator[RecordWithLocation]:
+        """One pass over the records with index ``start, start + step, ...`` of the full stream."""
+
+    def __iter__(self) -> Iterator[RecordWithLocation]:
+        start = self._rank + self._position * self._world_size
+        for pair in self._stream(start, self._world_size):
+            self._position += 1
+            yield pair
+        self._position = 0
+        self._epoch += 1
+
+    def shard(self, rank: int, world_size: int) -> "RecordSource":
+        """A copy that yields every ``world_size``-th record of this source, starting at its ``rank``-th."""
+        _check_shard(rank, world_size)
+        view = copy.copy(self)
+        view._rank = self._rank + rank * self._world_size
+        view._world_size = self._world_size * world_size
+        view._position, view._epoch = 0, 0
+        return view
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self._position, "epoch": self._epoch, "rank": self._rank, "world_size": self._world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["rank"], state["world_size"]) != (self._rank, self._world_size):
+            raise ValueError(
+                f"{self!r}: state was saved for shard {state['rank']}/{state['world_size']} but this source is shard "
+                f"{self._rank}/{self._world_size}; resume with the same number of processes and workers"
+            )
+        self._position, self._epoch = state["position"], state["epoch"]
+
+
+def _parse_json(data: bytes, location: str) -> Record:
+    """One JSON object, or an ``_error`` marker saying why it is not one."""
+    try:
+        record = json.loads(data)
+    except UnicodeDecodeError as err:
+        return {"_error": f"not UTF-8 text ({err.reason} at byte {err.start})"}
+    except json.JSONDecodeError as err:
+        return {"_error": f"malformed JSON ({err.msg} at column {err.colno})"}
+    if not isinstance(record, dict):
+        return {"_error": f"expected a JSON object, got {type(record).__name__}"}
+    return record
+
+
+class JsonlSource(RecordSource):
+    """Records from one JSONL file; relative image paths resolve against ``image_root`` (default: the file's folder).
+
+    Blank lines are ignored (they are not records and do not count for sharding); locations use 1-based line numbers.
+    """
+
+    def __init__(self, path: PathLike, image_root: PathLike | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"JSONL file not found: {self.path}")
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+
+    def __repr__(self) -> str:
+        return f"JsonlSource({str(self.path)!r})"
+
+    def _stream(self, start: int, step: int) -> Iterator[RecordWithLocation]:
+        index = -1
+        # Binary lines: skipped records are never decoded, and a bad byte spoils only its own line.
+        with open(self.path, "rb") as file:
+            for line_number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                index += 1
+                if index < start or (index - start) % step:
+                    continue
+                location = f"{self.path}:{line_number}"
+                record = _parse_json(line, location)
+                if "_error" not in record:
+                    record["_image_root"] = str(self.image_root)
+                yield record, location
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: ``dir/abc.0.png`` -> key ``dir/abc``, extension ``0.png`` (split at the first dot)."""
+    folder, base = posixpath.split(name)
+    stem, _, extension = base.partition(".")
+    return posixpath.join(folder, stem), extension
+
+
+class WebDatasetSource(RecordSource):
+    """Records from WebDataset-style tar shards, streamed with the stdlib ``tarfile`` (no extraction to disk).
+
+    A sample is the run of consecutive members sharing a key: ``key.json`` (the record; ``id`` defaults to the key)
+    plus its images (``key.png``, ``key.0.jpg``, ...). The record's ``image`` may name its images by extension
+    (``"png"``) or file name (``"key.png"``); without it, all image members are used in name order. Encoded images
+    travel in ``record["_image_bytes"]``. Sharding is per sample, so every rank reads every shard; for large corpora
+    prefer giving each rank its own shard files.
+    """
+
+    def __init__(self, shards: PathLike | Sequence[PathLike]) -> None:
+        super().__init__()
+        patterns = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+        self.shards: list[str] = []
+        for pattern in map(str, patterns):
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            missing = [path for path in matches if not os.path.isfile(path)]
+            if not matches or missing:
+                raise ValueError(f"WebDataset shards not found: {missing or pattern}")
+            self.shards.extend(matches)
+
+    def __repr__(self) -> str:
+        return f"WebDatasetSource({self.shards[0]!r}, ... {len(self.shards)} shards)"
+
+    def _stream(self, start: int, step: int) -> Iterator[RecordWithLocation]:
+        index = -1
+        for shard in self.shards:
+            try:
+                with tarfile.open(shard, "r|*") as tar:
+                    files = (member for member in tar if member.isfile())
+                    for key, members in itertools.groupby(
+                        files, key=lambda member: _split_member_name(member.name)[0]
+                    ):
+                        index += 1
+                        if index < start or (index - start) % step:
+                            continue  # unread members are skipped by the stream
+                        data = {_split_member_name(m.name)[1]: tar.extractfile(m).read() for m in members}
+                        location = f"{shard}:{key}"
+                        yield _sample_to_record(key, data, location), location
+            except (tarfile.TarError, EOFError, OSError) as err:
+                raise ValueError(f"{shard}: unreadable tar shard after sample {index} ({err})") from None
+
+
+def _sample_to_record(key: str, data: dict[str, bytes], location: str) -> Record:
+    if "json" not in data:
+        return {"_error": f"sample has no .json member (found extensions {sorted(data)})"}
+    record = _parse_json(data["json"], location)
+    if "_error" in record:
+        return record
+    record.setdefault("id", key)
+    base = posixpath.basename(key)
+    images = sorted(ext for ext in data if ext.rpartition(".")[2].lower() in IMAGE_EXTENSIONS)
+    named = record.get("image")
+    if named is None:
+        names = [f"{base}.{ext}" for ext in images]
+        record["image"] = names[0] if len(names) == 1 else (names or None)
+        extensions = images
+    else:
+        # Accept "png", "key.png" or "dir/key.png" for the member "dir/key.png".
+        lookup = {alias: ext for ext in images for alias in (ext, f"{base}.{ext}", f"{key}.{ext}")}
+        names = [named] if isinstance(named, str) else named
+        unknown = [name for name in names if not isinstance(name, str) or name not in lookup]
+        if unknown:
+            return {"id": record["id"], "_error": f"image(s) {unknown} not in the sample (its images: {images})"}
+        extensions = [lookup[name] for name in names]
+    record["_image_bytes"] = [data[ext] for ext in extensions]
+    return record
+
+
+def _drop_nulls(row: dict[str, Any]) -> dict[str, Any]:
+    """Columnar storage gives every row every column: ``None`` means "absent" in our schema (one level of nesting)."""
+    record = {}
+    for key, value in row.items():
+        if value is None:
+            continue
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            value = [{k: v for k, v in item.items() if v is not None} for item in value]
+        record[key] = value
+    return record
+
+
+class HFDatasetSource(RecordSource):
+    """Records from a Hugging Face dataset whose rows follow the schema.
+
+    ``path`` is a ``save_to_disk`` folder, a parquet / JSON / JSONL file (or glob), or a hub name (needs internet).
+    The ``image_column`` may be an ``Image()`` feature (or a list of them), whose encoded bytes are passed on
+    undecoded, or strings: paths relative to ``image_root`` (default: the folder of ``path`` when it is local).
+    """
+
+    _FILE_BUILDERS: ClassVar[dict[str, str]] = {
+        ".parquet": "parquet",
+        ".json": "json",
+        ".jsonl": "json",
+        ".csv": "csv",
+        ".arrow": "arrow",
+    }
+
+    def __init__(
+        self,
+        path: PathLike,
+        split: str = "train",
+        name: str | None = None,
+        image_column: str = "image",
+        image_root: PathLike | None = None,
+        cache_dir: PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        import datasets  # heavy; only needed for this source
+
+        self.label = f"{path}[{split}]"
+        self.image_column = image_column
+        local = Path(path)
+        builder = self._FILE_BUILDERS.get(local.suffix.lower())
+        if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
+            dataset = datasets.load_from_disk(str(local))
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise ValueError(f"{path}: no split {split!r}; it has {list(dataset)}")
+                dataset = dataset[split]
+        elif builder is not None:
+            files = {split: str(path)}
+            dataset = datasets.load_dataset(builder, data_files=files, split=split, cache_dir=cache_dir)
+        else:
+            dataset = datasets.load_dataset(str(path), name, split=split, cache_dir=cache_dir)
+        if image_root is None:
+            # Local data: paths are relative to its folder; hub data: to the working directory.
+            image_root = local if local.is_dir() else local.parent if builder is not None else Path()
+        self.image_root = Path(image_root)
+        if image_column in dataset.column_names:
+            feature = dataset.features[image_column]
+            # Keep images encoded: decoding happens once, in load_record_images, with EXIF handling.
+            if isinstance(feature, datasets.Image):
+                dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+            elif isinstance(getattr(feature, "feature", None), datasets.Image):
+                dataset = dataset.cast_column(image_column, datasets.List(datasets.Image(decode=False)))
+        self.dataset = dataset
+
+    def __repr__(self) -> str:
+        return f"HFDatasetSource({self.label!r})"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _stream(self, start: int, step: int) -> Iterator[RecordWithLocation]:
+        for index in range(start, len(self.dataset), step):
+            location = f"{self.label}:{index}"
+            yield self._row_to_record(dict(self.dataset[index])), location
+
+    def _row_to_record(self, row: dict[str, Any]) -> Record:
+        image = row.pop(self.image_column, None)
+        record = _drop_nulls(row)
+        record["_image_root"] = str(self.image_root)
+        if image is None:
+            return record
+        if isinstance(image, str) or (isinstance(image, list) and all(isinstance(item, str) for item in image)):
+            record["image"] = image
+            return record
+        # Image() features: {"bytes": ..., "path": ...}; bytes may be missing for datasets that store paths only.
+        items = image if isinstance(image, list) else [image]
+        names = [item.get("path") or f"{self.image_column}[{i}]" for i, item in enumerate(items)]
+        record["image"] = names[0] if isinstance(image, dict) else names
+        record["_image_bytes"] = [item.get("bytes") for item in items]
+        return record
+
+
+class MixtureSource:
+    """An endless, seeded, weighted mixture: each step picks a member with probability proportional to its weight.
+
+    A member that runs out starts its next pass. Choices depend only on ``(seed, step)`` (drawn in blocks), so a
+    resumed mixture replays exactly; ``shard`` shards every member and keeps the choices, so ranks draw the same
+    members in the same order from disjoint records.
+    """
+
+    _BLOCK = 4096  # choices drawn per seeded block
+
+    def __init__(self, sources: Sequence[Source], weights: Sequence[float] | None = None, seed: int = 0) -> None:
+        self.sources = list(sources)
+        weights = [1.0] * len(self.sources) if weights is None else [float(w) for w in weights]
+        if not self.sources or len(weights) != len(self.sources):
+            raise ValueError(
+                f"a mixture needs at least one source and one weight per source; got {len(self.sources)} "
+                f"source(s) and {len(weights)} weight(s)"
+            )
+        if not all(w >= 0 and w < float("inf") for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"mixture weights must be finite, non-negative and not all zero; got {weights}")
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.seed = seed
+        self._step = 0
+        self._block_index, self._block = -1, []
+
+    def __repr__(self) -> str:
+        members = ", ".join(f"{source!r}: {weight:.3g}" for source, weight in zip(self.sources, self.weights))
+        return f"MixtureSource({{{members}}}, seed={self.seed})"
+
+    def _choice(self, step: int) -> int:
+        block, offset = divmod(step, self._BLOCK)
+        if block != self._block_index:
+            # A string seed is hashed with SHA-512 by `random`, so blocks are the same on every run and machine.
+            rng = random.Random(f"mixture:{self.seed}:{block}")
+            self._block = rng.choices(range(len(self.sources)), weights=self.weights, k=self._BLOCK)
+            self._block_index = block
+        return self._block[offset]
+
+    def __iter__(self) -> Iterator[RecordWithLocation]:
+        iterators = [iter(source) for source in self.sources]
+        while True:
+            member = self._choice(self._step)
+            pair = next(iterators[member], None)
+            if pair is None:  # the member finished a pass: start the next one
+                iterators[member] = iter(self.sources[member])
+                pair = next(iterators[member], None)
+                if pair is None:
+                    raise ValueError(f"mixture member {self.sources[member]!r} yields no records (for this shard)")
+            self._step += 1
+            yield pair
+
+    def shard(self, rank: int, world_size: int) -> "MixtureSource":
+        _check_shard(rank, world_size)
+        return MixtureSource([source.shard(rank, world_size) for source in self.sources], self.weights, self.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self._step, "sources": [source.state_dict() for source in self.sources]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["sources"]) != len(self.sources):
+            raise ValueError(
+                f"state has {len(state['sources'])} mixture members, this mixture has {len(self.sources)}"
+            )
+        self._step = state["step"]
+        for source, source_state in zip(self.sources, state["sources"]):
+            source.load_state_dict(source_state)
+
+
+# type -> (required keys, optional keys)
+_CONFIG_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    "jsonl": ({"path"}, {"image_root"}),
+    "webdataset": ({"shards"}, set()),
+    "hf": ({"path"}, {"split", "name", "image_column", "image_root", "cache_dir"}),
+    "mixture": ({"sources"}, {"weights", "seed"}),
+}
+
+
+def build_source(config: dict[str, Any], base_dir: PathLike | None = None) -> Source:
+    """A source from a config dict, e.g. ``{"type": "jsonl", "path": "data/train.jsonl"}``.
+
+    Types: ``jsonl`` (path, image_root), ``webdataset`` (shards: glob or list), ``hf`` (path, split, name,
+    image_column, image_root, cache_dir), ``mixture`` (sources: list of configs, weights, seed). Relative local paths
+    resolve against ``base_dir`` (e.g. the folder of the YAML file) when given.
+    """
+    kind = config.get("type")
+    if kind not in _CONFIG_KEYS:
+        raise ValueError(f"data source config {config!r}: 'type' must be one of {sorted(_CONFIG_KEYS)}")
+    required, optional = _CONFIG_KEYS[kind]
+    keys = set(config) - {"type"}
+    if not required <= keys or keys - required - optional:
+        raise ValueError(
+            f"data source config {config!r}: a {kind!r} source takes {sorted(required)} (required) and "
+            f"{sorted(optional)} (optional)"
+        )
+
+    def resolve(path: PathLike) -> str:
+        if base_dir is None or Path(path).is_absolute():
+            return str(path)
+        candidate = str(Path(base_dir, path))
+        # An hf path that matches nothing locally is a hub name ("org/name"): keep it as written.
+        return str(path) if kind == "hf" and not glob.glob(candidate) else candidate
+
+    options = {key: value for key, value in config.items() if key != "type"}
+    if kind == "mixture":
+        members = [build_source(member, base_dir) for member in options["sources"]]
+        return MixtureSource(members, options.get("weights"), options.get("seed", 0))
+    for key in ("path", "image_root", "cache_dir"):
+        if key in options and options[key] is not None:
+            options[key] = resolve(options[key])
+    if kind == "webdataset":
+        shards = options["shards"]
+        return WebDatasetSource([resolve(s) for s in shards] if isinstance(shards, list) else resolve(shards))
+    if kind == "jsonl":
+        return JsonlSource(**options)
+    return HFDatasetSource(**options)
+
+
+__all__ = [
+    "HFDatasetSource",
+    "JsonlSource",
+    "MixtureSource",
+    "RecordSource",
+    "Source",
+    "WebDatasetSource",
+    "build_source",
+]

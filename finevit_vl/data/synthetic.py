@@ -1,0 +1,584 @@
+"""``finevit-vl make-data``: a small synthetic fine-grained data set that a tiny model can learn in CPU minutes.
+
+Five task families, each image drawn on a plain light background at native resolution (sides are multiples of 28
+between 0.75x and 1.25x ``--image-size``, with wide charts and tall documents):
+
+* ``counting``: 1..``--max-count`` (default 6) copies of ONE shape (circle / square / triangle) in ONE color, in
+  distinct cells of a 3x3 grid (so they never touch), each 55-85% of a cell. No distractors: the count is the only
+  thing to learn.
+* ``grounding``: 2-4 objects with distinct (color, shape) pairs in distinct cells of a 2x2 grid, 60-90% of a cell.
+  Colors or shapes may repeat across objects, so "the red circle" needs both attributes.
+* ``ocr``: one lowercase word (48-word vocabulary) or a 2-5 digit number, in a dark color, 16-30 px at 224 px.
+* ``chart``: a bar chart of 3-5 bars labelled with distinct capital letters; every bar carries its integer value
+  (5-99, all distinct) above it, so a question is answered by reading.
+* ``document``: a small form: a title (INVOICE / RECEIPT / ORDER) and 3-4 "Key: value" lines drawn from invoice
+  number, date, total and customer.
+
+Learnability choices: five saturated colors far apart in RGB, objects large relative to the 14 px patch (3-7 patches
+across), no overlap, no anti-aliasing on shapes (boxes are the exact pixel extent of what was drawn, measured from the
+drawing mask), and one short answer per question.
+
+Output (``OUT`` = ``--out``)::
+
+    OUT/images/{train,eval}/{family}/{index:06d}.png
+    OUT/stage3/{train,eval}.jsonl     Stage III records: caption / region / ocr / grounding tasks
+    OUT/sft/{train,eval}.jsonl        SFT records: one single-turn conversation per image
+    OUT/eval/docvqa/validation.parquet, OUT/eval/chartqa/test.parquet, OUT/eval/ocrbench/test.parquet,
+    OUT/eval/countbench/test.parquet, OUT/eval/refcoco/val.parquet   (benchmark schemas, from the eval images)
+    OUT/make_data.json                the arguments and the counts, to reproduce the run
+
+Image paths in the JSONL files are relative to the JSONL's folder (``../images/...``), the `JsonlSource` default.
+Train and eval images come from disjoint seed streams (``"{seed}:{split}:{family}:{index}"``); the same seed gives
+byte-identical JSONL and PNG files, whatever ``--workers`` (text pixels may differ across Pillow/FreeType versions).
+Existing files are overwritten; nothing is deleted. Stage III per image: counting -> caption + region (the
+per-instance text is the same for every instance, so only box -> text turns are rendered); grounding -> grounding +
+region; ocr -> ocr; chart -> ocr (values then labels) + caption; document -> ocr (one item per line).
+
+SFT user turns (assistant answer after the arrow); the eval files store the bare question, and each row matches the
+record of the same eval image in ``sft/eval.jsonl``:
+
+* counting: ``prompts.count_question("red circles")`` = ``"How many red circles are there in the image?\\nAnswer with a
+  single number."`` -> ``"4"``. countbench ``question`` = ``"How many red circles are there in the image?"``
+  (``prompts.COUNT_QUESTION``), ``number`` = 4, ``text`` = a caption WITHOUT the count ("Red circles on a plain
+  background.") so that countbenchqa-style prompts do not leak the answer.
+* grounding: ``prompts.CAPTION_TO_BOX.format(text="the red circle")`` -> the box (``"<box>"`` placeholder, rendered
+  at collate time, int1000 by default). refcoco ``answer`` = ``["the red circle"]``, ``bbox`` = ``[x, y, w, h]`` pixels.
+* ocr: ``prompts.short_answer("What is the word in the image?")`` (or ``"What is the number in the image?"``) ->
+  ``"apple"``. ocrbench ``question`` = the bare question; question_type "Regular Text Recognition" or "Digit String
+  Recognition". The ocrbench task must append ``prompts.SHORT_ANSWER`` like docvqa / chartqa.
+* chart: ``prompts.short_answer("What is the value of B?")`` -> ``"42"`` (type "augmented_test") or
+  ``prompts.short_answer("Which bar has the highest value?")`` -> ``"B"`` (type "human_test"). chartqa ``question``
+  = the bare question.
+* document: ``prompts.short_answer("What is the total?")`` -> ``"56.20"`` (also "What is the invoice number?",
+  "What is the date?", "What is the customer name?"). docvqa ``question`` = the bare question, ``answers`` = [value];
+  the same question also goes to ocrbench as "Key Information Extraction".
+"""
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import random
+import string
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont, features
+
+from .. import prompts
+from .schema import BOX_MARKER, Record
+
+
+FAMILIES: tuple[str, ...] = ("counting", "grounding", "ocr", "chart", "document")
+SPLITS: tuple[str, ...] = ("train", "eval")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 38, 38),
+    "green": (22, 163, 74),
+    "blue": (37, 99, 235),
+    "yellow": (234, 179, 8),
+    "purple": (147, 51, 234),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((255, 255, 255), (246, 246, 240), (240, 244, 250))
+INKS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (30, 41, 90), (120, 20, 20), (20, 80, 40))
+NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# fmt: off
+WORDS: tuple[str, ...] = (
+    "apple", "river", "house", "green", "music", "table", "light", "water", "stone", "cloud", "bread", "chair",
+    "train", "plant", "smile", "dream", "ocean", "tiger", "piano", "honey", "lemon", "paper", "story", "north",
+    "south", "cat", "dog", "sun", "map", "box", "key", "pen", "cup", "hat", "sky", "bus", "garden", "window",
+    "forest", "market", "planet", "silver", "orange", "yellow", "rocket", "candle", "bridge", "castle",
+)
+# fmt: on
+NAMES: tuple[str, ...] = ("Alice", "Bruno", "Chen", "Dana", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas")
+# Document fields: key drawn on the page, question asked about it, value generator.
+FIELDS: dict[str, tuple[str, Callable[[random.Random], str]]] = {
+    "Invoice No": ("What is the invoice number?", lambda rng: str(rng.randint(1000, 99999))),
+    "Date": (
+        "What is the date?",
+        lambda rng: f"{rng.randint(2018, 2025)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+    ),
+    "Total": ("What is the total?", lambda rng: f"{rng.randint(1, 999)}.{rng.randint(0, 99):02d}"),
+    "Customer": ("What is the customer name?", lambda rng: rng.choice(NAMES)),
+}
+TITLES: tuple[str, ...] = ("INVOICE", "RECEIPT", "ORDER")
+PARQUET_FILES: dict[str, str] = {
+    "docvqa": "docvqa/validation.parquet",
+    "chartqa": "chartqa/test.parquet",
+    "ocrbench": "ocrbench/test.parquet",
+    "countbench": "countbench/test.parquet",
+    "refcoco": "refcoco/val.parquet",
+}
+
+Box = list[int]
+
+
+@dataclass(frozen=True)
+class Settings:
+    image_size: int = 224
+    max_count: int = 6
+
+
+@dataclass
+class Scene:
+    """One drawn image and everything derived from it (records without id / image / size; benchmark rows without image)."""
+
+    image: Image.Image
+    stage3: list[Record]
+    prompt: str  # SFT user turn
+    answer: str  # SFT assistant turn; "<box>" placeholders are filled from `boxes`
+    boxes: list[Box] = field(default_factory=list)
+    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- drawing helpers
+
+
+@functools.lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    if not features.check("freetype2"):
+        raise RuntimeError(
+            "make-data draws text with FreeType, but this Pillow build lacks it; reinstall Pillow from PyPI wheels"
+        )
+    return ImageFont.load_default(size=size)
+
+
+def _canvas_size(rng: random.Random, base: int, layout: str = "any") -> tuple[int, int]:
+    """Sides are multiples of 28 (two 14 px patches) within [0.75, 1.25] x base, so native resolution is exercised."""
+    sides = list(range(28 * round(0.75 * base / 28), 28 * round(1.25 * base / 28) + 1, 28))
+    half = len(sides) // 2
+    if layout == "wide":
+        return rng.choice(sides[half:]), rng.choice(sides[: half + 1])
+    if layout == "tall":
+        return rng.choice(sides[: half + 1]), rng.choice(sides[half:])
+    return rng.choice(sides), rng.choice(sides)
+
+
+def _paste(image: Image.Image, mask: Image.Image, origin: tuple[int, int], color: tuple[int, int, int]) -> Box:
+    """Paint ``color`` through ``mask`` at ``origin``; return the exact pixel box ``[x1, y1, x2, y2]`` of what was painted."""
+    image.paste(color, origin, mask)
+    left, top, right, bottom = mask.getbbox()
+    return [origin[0] + left, origin[1] + top, origin[0] + right, origin[1] + bottom]
+
+
+def _draw_shape(image: Image.Image, shape: str, color: tuple[int, int, int], box: Box) -> Box:
+    width, height = box[2] - box[0], box[3] - box[1]
+    mask = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask)
+    if shape == "circle":
+        draw.ellipse([0, 0, width - 1, height - 1], fill=255)
+    elif shape == "square":
+        draw.rectangle([0, 0, width - 1, height - 1], fill=255)
+    else:
+        draw.polygon([(0, height - 1), (width - 1, height - 1), ((width - 1) / 2, 0)], fill=255)
+    return _paste(image, mask, (box[0], box[1]), color)
+
+
+def _draw_text(image: Image.Image, text: str, origin: tuple[int, int], size: int, color: tuple[int, int, int]) -> Box:
+    """Draw ``text`` with its ink's top-left corner at ``origin``; return the ink box."""
+    font = _font(size)
+    left, top, right, bottom = font.getbbox(text)
+    mask = Image.new("L", (right - left, bottom - top), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, font=font, fill=255)
+    return _paste(image, mask, origin, color)
+
+
+def _text_size(text: str, size: int) -> tuple[int, int]:
+    left, top, right, bottom = _font(size).getbbox(text)
+    return right - left, bottom - top
+
+
+def _grid_boxes(
+    rng: random.Random, width: int, height: int, grid: int, count: int, fill: tuple[float, float]
+) -> list[Box]:
+    """``count`` square boxes in distinct cells of a ``grid x grid`` layout, each ``fill`` of the cell's short side."""
+    cell_w, cell_h = width // grid, height // grid
+    boxes = []
+    for cell in rng.sample(range(grid * grid), count):
+        row, col = divmod(cell, grid)
+        side = int(min(cell_w, cell_h) * rng.uniform(*fill))
+        x = col * cell_w + rng.randint(0, cell_w - side)
+        y = row * cell_h + rng.randint(0, cell_h - side)
+        boxes.append([x, y, x + side, y + side])
+    return boxes
+
+
+def _scaled(size: int, settings: Settings) -> int:
+    return max(8, round(size * settings.image_size / 224))
+
+
+# ---------------------------------------------------------------- task families
+
+
+def make_counting(rng: random.Random, settings: Settings) -> Scene:
+    width, height = _canvas_size(rng, settings.image_size)
+    image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
+    count = rng.randint(1, settings.max_count)
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    boxes = [
+        _draw_shape(image, shape, COLORS[color], box)
+        for box in _grid_boxes(rng, width, height, 3, count, (0.55, 0.85))
+    ]
+    name = f"{color} {shape}s"
+    noun = shape if count == 1 else f"{shape}s"
+    return Scene(
+        image=image,
+        stage3=[
+            {
+                "task": "caption",
+                "caption": f"{NUMBER_WORDS[count].capitalize()} {color} {noun} on a plain background.",
+            },
+            {"task": "region", "regions": [{"box": box, "text": f"a {color} {shape}"} for box in boxes]},
+        ],
+        prompt=prompts.count_question(name),
+        answer=str(count),
+        benchmarks={
+            "countbench": {
+                "question": prompts.COUNT_QUESTION.format(name=name),
+                "number": count,
+                "text": f"{color.capitalize()} {shape}s on a plain background.",
+            }
+        },
+    )
+
+
+def make_grounding(rng: random.Random, settings: Settings) -> Scene:
+    width, height = _canvas_size(rng, settings.image_size)
+    image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
+    kinds = rng.sample([(color, shape) for color in COLORS for shape in SHAPES], rng.randint(2, 4))
+    cells = _grid_boxes(rng, width, height, 2, len(kinds), (0.6, 0.9))
+    boxes = [_draw_shape(image, shape, COLORS[color], box) for (color, shape), box in zip(kinds, cells)]
+    expressions = [f"the {color} {shape}" for color, shape in kinds]
+    target = rng.randrange(len(kinds))
+    x1, y1, x2, y2 = boxes[target]
+    return Scene(
+        image=image,
+        stage3=[
+            {"task": "grounding", "grounding": [{"expression": e, "box": b} for e, b in zip(expressions, boxes)]},
+            {"task": "region", "regions": [{"box": b, "text": f"a {c} {s}"} for (c, s), b in zip(kinds, boxes)]},
+        ],
+        prompt=prompts.CAPTION_TO_BOX.format(text=expressions[target]),
+        answer=BOX_MARKER,
+        boxes=[boxes[target]],
+        benchmarks={
+            "refcoco": {
+                "answer": [expressions[target]],
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                "segmentation": [float(v) for v in (x1, y1, x2, y1, x2, y2, x1, y2)],
+            }
+        },
+    )
+
+
+def make_ocr(rng: random.Random, settings: Settings) -> Scene:
+    width, height = _canvas_size(rng, settings.image_size)
+    image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
+    is_number = rng.random() < 0.3
+    digits = rng.randint(2, 5)  # uniform length, so short numbers are as common as long ones
+    text = str(rng.randint(10 ** (digits - 1), 10**digits - 1)) if is_number else rng.choice(WORDS)
+    size = _scaled(rng.randint(16, 30), settings)
+    text_w, text_h = _text_size(text, size)
+    while text_w > width - 8:  # keep long words inside narrow canvases
+        size -= 2
+        text_w, text_h = _text_size(text, size)
+    origin = (rng.randint(4, width - text_w - 4), rng.randint(4, height - text_h - 4))
+    box = _draw_text(image, text, origin, size, rng.choice(INKS))
+    question = "What is the number in the image?" if is_number else "What is the word in the image?"
+    return Scene(
+        image=image,
+        stage3=[{"task": "ocr", "ocr": [{"text": text, "box": box}]}],
+        prompt=prompts.short_answer(question),
+        answer=text,
+        benchmarks={
+            "ocrbench": {
+                "question": question,
+                "answer": [text],
+                "dataset": "synthetic_digits" if is_number else "synthetic_words",
+                "question_type": "Digit String Recognition" if is_number else "Regular Text Recognition",
+            }
+        },
+    )
+
+
+def make_chart(rng: random.Random, settings: Settings) -> Scene:
+    width, height = _canvas_size(rng, settings.image_size, "wide")
+    image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
+    count = rng.randint(3, 5)
+    labels = rng.sample(string.ascii_uppercase, count)
+    values = rng.sample(range(5, 100), count)
+    value_size, label_size = _scaled(12, settings), _scaled(14, settings)
+    margin, top, bottom = 8, value_size + 8, label_size + 10
+    baseline = height - bottom
+    slot = (width - 2 * margin) // count
+    bar_w = int(slot * 0.6)
+    ImageDraw.Draw(image).line([(margin, baseline), (width - margin, baseline)], fill=(120, 120, 120), width=1)
+    color = COLORS[rng.choice(list(COLORS))]
+    value_items, label_items = [], []
+    for i, (label, value) in enumerate(zip(labels, values)):
+        x = margin + i * slot + (slot - bar_w) // 2
+        bar_h = max(1, round((baseline - top - 4) * value / 100))
+        ImageDraw.Draw(image).rectangle([x, baseline - bar_h, x + bar_w - 1, baseline - 1], fill=color)
+        for text, size, y, items in (
+            (str(value), value_size, baseline - bar_h - 3 - _text_size(str(value), value_size)[1], value_items),
+            (label, label_size, baseline + 4, label_items),
+        ):
+            text_w = _text_size(text, size)[0]
+            items.append(
+                {"text": text, "box": _draw_text(image, text, (x + (bar_w - text_w) // 2, y), size, (0, 0, 0))}
+            )
+    if rng.random() < 0.3:
+        question, answer, kind = "Which bar has the highest value?", labels[values.index(max(values))], "human_test"
+    else:
+        target = rng.randrange(count)
+        question, answer, kind = f"What is the value of {labels[target]}?", str(values[target]), "augmented_test"
+    listing = ", ".join(f"{label} is {value}" for label, value in zip(labels, values))
+    return Scene(
+        image=image,
+        stage3=[
+            {"task": "ocr", "ocr": value_items + label_items},
+            {"task": "caption", "caption": f"A bar chart with {count} bars: {listing}."},
+        ],
+        prompt=prompts.short_answer(question),
+        answer=answer,
+        benchmarks={"chartqa": {"question": question, "answer": answer, "type": kind}},
+    )
+
+
+def make_document(rng: random.Random, settings: Settings) -> Scene:
+    width, height = _canvas_size(rng, settings.image_size, "tall")
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    title_size, line_size = _scaled(20, settings), _scaled(13, settings)
+    x, y = rng.randint(8, 16), rng.randint(8, 16)
+    items = [{"text": (title := rng.choice(TITLES)), "box": _draw_text(image, title, (x, y), title_size, (0, 0, 0))}]
+    y = items[0]["box"][3] + _scaled(14, settings)
+    keys = rng.sample(list(FIELDS), rng.randint(3, 4))
+    values = {key: FIELDS[key][1](rng) for key in keys}
+    for key in keys:
+        line = f"{key}: {values[key]}"
+        items.append({"text": line, "box": _draw_text(image, line, (x, y), line_size, (0, 0, 0))})
+        y = items[-1]["box"][3] + rng.randint(_scaled(10, settings), _scaled(16, settings))
+    key = rng.choice(keys)
+    question, answer = FIELDS[key][0], values[key]
+    return Scene(
+        image=image,
+        stage3=[{"task": "ocr", "ocr": items}],
+        prompt=prompts.short_answer(question),
+        answer=answer,
+        benchmarks={
+            "docvqa": {
+                "question": question,
+                "answers": [answer],
+                "question_types": ["form"],
+                "ucsf_document_page_no": "1",
+            },
+            "ocrbench": {
+                "question": question,
+                "answer": [answer],
+                "dataset": "synthetic_docs",
+                "question_type": "Key Information Extraction",
+            },
+        },
+    )
+
+
+MAKERS: dict[str, Callable[[random.Random, Settings], Scene]] = {
+    "counting": make_counting,
+    "grounding": make_grounding,
+    "ocr": make_ocr,
+    "chart": make_chart,
+    "document": make_document,
+}
+
+
+# ---------------------------------------------------------------- generation and output
+
+
+@dataclass
+class Generated:
+    """What one image contributes to the output files."""
+
+    stage3: list[Record]
+    sft: Record
+    benchmarks: dict[str, dict[str, Any]]  # eval images only; rows embed the PNG bytes
+
+
+def generate_one(out: Path, settings: Settings, seed: int, split: str, family: str, index: int) -> Generated:
+    """Draw image ``index`` of ``family`` for ``split``, write its PNG, and return its records and benchmark rows."""
+    rng = random.Random(f"{seed}:{split}:{family}:{index}")  # string seeds are hashed with SHA-512: stable everywhere
+    scene = MAKERS[family](rng, settings)
+    relative = f"images/{split}/{family}/{index:06d}.png"
+    buffer = io.BytesIO()
+    scene.image.save(buffer, format="PNG", compress_level=1)  # fast; these flat images compress well anyway
+    png = buffer.getvalue()
+    (out / relative).write_bytes(png)
+    base_id = f"{split}-{family}-{index:06d}"
+    # Records live in OUT/stage3 and OUT/sft; images are referenced relative to those folders.
+    common = {"image": f"../{relative}", "width": scene.image.width, "height": scene.image.height}
+    stage3 = [{"id": f"{base_id}-{r['task']}", **common, **r} for r in scene.stage3]
+    sft: Record = {
+        "id": f"{base_id}-qa",
+        **common,
+        "task": "conversation",
+        "conversations": [{"role": "user", "content": scene.prompt}, {"role": "assistant", "content": scene.answer}],
+    }
+    if scene.boxes:
+        sft["boxes"] = scene.boxes
+    benchmarks = {}
+    for name, row in scene.benchmarks.items() if split == "eval" else ():
+        ids = {
+            "docvqa": {"questionId": base_id, "docId": index, "ucsf_document_id": base_id},
+            "refcoco": {"question_id": base_id, "file_name": f"{base_id}.png"},
+        }.get(name, {})
+        benchmarks[name] = {**ids, **row, "image": {"bytes": png, "path": f"{base_id}.png"}}
+    return Generated(stage3, sft, benchmarks)
+
+
+def _generate_job(job: tuple[Path, Settings, int, str, str, int]) -> Generated:
+    return generate_one(*job)
+
+
+def _write_jsonl(path: Path, records: list[Record]) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def _parquet_features(name: str):
+    from datasets import Features, List, Value
+    from datasets import Image as ImageFeature
+
+    text, texts = Value("string"), List(Value("string"))
+    columns = {
+        "docvqa": {
+            "questionId": text,
+            "question": text,
+            "answers": texts,
+            "question_types": texts,
+            "docId": Value("int64"),
+            "ucsf_document_id": text,
+            "ucsf_document_page_no": text,
+        },
+        "chartqa": {"question": text, "answer": text, "type": text},
+        "ocrbench": {"question": text, "answer": texts, "dataset": text, "question_type": text},
+        "countbench": {"question": text, "number": Value("int64"), "text": text},
+        "refcoco": {
+            "question_id": text,
+            "answer": texts,
+            "bbox": List(Value("float64")),
+            "segmentation": List(Value("float64")),
+            "file_name": text,
+        },
+    }[name]
+    return Features({**columns, "image": ImageFeature()})
+
+
+def _write_parquet(path: Path, name: str, rows: list[dict[str, Any]]) -> None:
+    import datasets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Silence the progress bars for this call only: a caller (e.g. quickstart) may want its own.
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        datasets.Dataset.from_list(rows, features=_parquet_features(name)).to_parquet(str(path))
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def make_data(
+    out: str | os.PathLike,
+    seed: int = 0,
+    train_per_task: int = 1000,
+    eval_per_task: int = 100,
+    settings: Settings = Settings(),
+    families: tuple[str, ...] = FAMILIES,
+    workers: int = 1,
+) -> dict[str, int]:
+    """Write the data set under ``out`` (see the module docstring); returns ``{relative file: row count}``."""
+    unknown = [family for family in families if family not in MAKERS]
+    if unknown:
+        raise ValueError(f"unknown task family {unknown}; choose from {FAMILIES}")
+    out = Path(out)
+    counts: dict[str, int] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for split, per_task in (("train", train_per_task), ("eval", eval_per_task)):
+            for family in families:
+                (out / "images" / split / family).mkdir(parents=True, exist_ok=True)
+            jobs = [(out, settings, seed, split, family, index) for family in families for index in range(per_task)]
+            if pool is None:
+                generated = [_generate_job(job) for job in jobs]
+            else:  # map keeps the job order, so the output does not depend on the number of workers
+                generated = pool.map(_generate_job, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+            counts.update(_write_split(out, seed, split, generated))
+            for item in generated:
+                for name, row in item.benchmarks.items():
+                    rows.setdefault(name, []).append(row)
+    for name, benchmark_rows in rows.items():
+        _write_parquet(out / "eval" / PARQUET_FILES[name], name, benchmark_rows)
+        counts[f"eval/{PARQUET_FILES[name]}"] = len(benchmark_rows)
+    return counts
+
+
+def _write_split(out: Path, seed: int, split: str, generated: list[Generated]) -> dict[str, int]:
+    """Write the Stage III and SFT JSONL files of one split; return their row counts."""
+    counts = {f"images/{split}": len(generated)}
+    stage3 = [record for item in generated for record in item.stage3]
+    sft = [item.sft for item in generated]
+    if split == "train":
+        # Interleave families so any prefix of the file is a balanced mixture.
+        random.Random(f"{seed}:shuffle:stage3").shuffle(stage3)
+        random.Random(f"{seed}:shuffle:sft").shuffle(sft)
+    for folder, records in (("stage3", stage3), ("sft", sft)):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        _write_jsonl(out / folder / f"{split}.jsonl", records)
+        counts[f"{folder}/{split}.jsonl"] = len(records)
+    return counts
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="finevit-vl make-data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-per-task", type=int, default=1000, help="training images per task family")
+    parser.add_argument("--eval-per-task", type=int, default=100, help="held-out images per task family")
+    parser.add_argument(
+        "--image-size", type=int, default=224, help="typical image side in pixels (sides vary 0.75x-1.25x)"
+    )
+    parser.add_argument("--max-count", type=int, default=6, help="largest count in the counting family (1-9)")
+    parser.add_argument(
+        "--tasks", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="task families to generate"
+    )
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes drawing images")
+    args = parser.parse_args(argv)
+    if args.train_per_task < 0 or args.eval_per_task < 0:
+        parser.error("--train-per-task and --eval-per-task must be >= 0")
+    if not 112 <= args.image_size <= 2048:
+        parser.error(f"--image-size {args.image_size}: choose 112-2048 pixels")
+    if not 1 <= args.max_count <= 9:
+        parser.error(f"--max-count {args.max_count}: choose 1-9 (the objects are laid out on a 3x3 grid)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    settings = Settings(image_size=args.image_size, max_count=args.max_count)
+    families = tuple(family for family in FAMILIES if family in args.tasks)
+    counts = make_data(args.out, args.seed, args.train_per_task, args.eval_per_task, settings, families, args.workers)
+    manifest = {"arguments": {k: v for k, v in vars(args).items() if k not in ("out", "workers")}, "counts": counts}
+    Path(args.out, "make_data.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    width = max(map(len, counts))
+    print(f"wrote {args.out}:")
+    for name, count in counts.items():
+        print(f"  {name:<{width}}  {count}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
