@@ -21,7 +21,7 @@ BoxFormat = Literal["int1000", "norm1"]
 BOX_FORMATS: tuple[str, ...] = ("int1000", "norm1")
 
 # First bracketed list of 4 numbers, e.g. "[12, 40, 300, 512]" or "[0.1,0.2,0.5,0.9]".
-_BOX_PATTERN = re.compile(
+BOX_PATTERN = re.compile(
     r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]"
 )
 
@@ -72,7 +72,7 @@ def parse_box(text: str, box_format: BoxFormat = "int1000") -> list[float] | Non
     Coordinates are re-ordered so that ``x1 <= x2`` and ``y1 <= y2``.
     """
     check_box_format(box_format)
-    match = _BOX_PATTERN.search(text)
+    match = BOX_PATTERN.search(text)
     if match is None:
         return None
     scale = 1000.0 if box_format == "int1000" else 1.0
@@ -100,6 +100,7 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 __all__ = [
     "BOX_FORMATS",
+    "BOX_PATTERN",
     "BoxFormat",
     "box_iou",
     "box_to_text",

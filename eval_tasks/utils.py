@@ -1,0 +1,119 @@
+"""Prompt and scoring hooks for the FineViT lmms-eval tasks (referenced from the yamls with ``!function utils.<name>``).
+
+Prompts come from `finevit_vl.prompts` (the wording the model is trained on), scores from `finevit_vl.eval.metrics`.
+lmms-eval loads this file by path and runs ``process_results`` in threads, so everything here is stateless.
+"""
+
+from finevit_vl import prompts
+from finevit_vl.eval import metrics
+
+
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def _wrap(text, lmms_eval_specific_kwargs):
+    # Optional per-model affixes from the yaml's `lmms_eval_specific_kwargs` (empty for finevit_vl).
+    kwargs = lmms_eval_specific_kwargs or {}
+    return f"{kwargs.get('pre_prompt', '')}{text}{kwargs.get('post_prompt', '')}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DocVQA
+
+
+def docvqa_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return _wrap(prompts.short_answer(doc["question"]), lmms_eval_specific_kwargs)
+
+
+def docvqa_process_results(doc, results):
+    return {"anls": metrics.anls(results[0], doc["answers"])}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ChartQA
+
+
+def chartqa_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return _wrap(prompts.short_answer(doc["question"]), lmms_eval_specific_kwargs)
+
+
+def chartqa_process_results(doc, results):
+    score = float(metrics.relaxed_correctness(results[0], doc["answer"]))
+    split = "relaxed_human_split" if doc["type"] == "human_test" else "relaxed_augmented_split"
+    return {"relaxed_overall": score, split: score}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OCRBench: every metric receives the same per-question item; each aggregation reads its own categories.
+
+
+def ocrbench_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    # Our OCR training data asks with the short-answer suffix; OCRBench scores by substring, so the suffix is safe.
+    return _wrap(prompts.short_answer(doc["question"].strip()), lmms_eval_specific_kwargs)
+
+
+def ocrbench_process_results(doc, results):
+    item = (doc["question_type"], metrics.ocrbench_match(results[0], doc["answer"], doc["dataset"]))
+    return {name: item for name in _OCRBENCH_METRICS}
+
+
+def _ocrbench_aggregation(group):
+    def aggregate(items):
+        return metrics.ocrbench_scores(items)[group]
+
+    aggregate.__name__ = f"ocrbench_{group}"
+    return aggregate
+
+
+_OCRBENCH_METRICS = ["ocrbench_score"] + [f"ocrbench_{group}" for group in metrics.OCRBENCH_GROUPS]
+ocrbench_aggregate_score = _ocrbench_aggregation("total")
+ocrbench_aggregate_text_recognition = _ocrbench_aggregation("text_recognition")
+ocrbench_aggregate_scene_text_vqa = _ocrbench_aggregation("scene_text_vqa")
+ocrbench_aggregate_doc_vqa = _ocrbench_aggregation("doc_vqa")
+ocrbench_aggregate_kie = _ocrbench_aggregation("kie")
+ocrbench_aggregate_hmer = _ocrbench_aggregation("hmer")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CountBench
+
+
+def countbench_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    # Same wording as training's `prompts.count_question(name)` for "How many {name} are there in the image?".
+    return _wrap(f"{doc['question'].strip()}\n{prompts.NUMBER_ANSWER}", lmms_eval_specific_kwargs)
+
+
+def countbench_doc_to_target(doc):
+    return metrics.normalize_count(doc["number"])
+
+
+def countbench_process_results(doc, results):
+    return {"acc": float(metrics.count_correct(results[0], doc["number"]))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RefCOCO / RefCOCO+ / RefCOCOg referring expression comprehension
+
+
+def refcoco_process_docs(dataset):
+    """One row per referring sentence (``answer`` becomes a string) with ``bbox`` as normalized ``[x1, y1, x2, y2]``,
+    the same documents lmms-eval's ``refcoco*_bbox_rec`` tasks score."""
+    dataset = dataset.map(
+        lambda image, bbox: {"bbox": metrics.xywh_to_normalized(bbox, image.width, image.height)},
+        input_columns=["image", "bbox"],
+    )
+    sentences = dataset["answer"]
+    rows = [row for row, sents in enumerate(sentences) for _ in sents]
+    flat = [sentence for sents in sentences for sentence in sents]
+    return dataset.select(rows).remove_columns("answer").add_column("answer", flat)
+
+
+def refcoco_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return _wrap(prompts.CAPTION_TO_BOX.format(text=doc["answer"]), lmms_eval_specific_kwargs)
+
+
+def refcoco_process_results(doc, results):
+    # The model answers in our int 0-1000 convention (the plugin rewrites other conventions to it).
+    scores = metrics.rec_scores(results[0], doc["bbox"], box_format="int1000")
+    return {"refcoco_IoU": scores["iou"], "refcoco_ACC@0.5": scores["acc"], "refcoco_Center_ACC": scores["center_acc"]}

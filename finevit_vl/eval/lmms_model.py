@@ -1,0 +1,250 @@
+"""The lmms-eval chat model ``finevit_vl``: batched generation with a FineViT-VL checkpoint.
+
+Command line (registered through the ``lmms_eval.models`` entry point)::
+
+    lmms-eval --model finevit_vl --model_args pretrained=DIR,max_pixels=1003520 --batch_size 8 \\
+        --include_path "$(finevit-vl tasks-path)" --tasks finevit_suite
+
+(lmms-eval passes ``--batch_size`` itself, so ``batch_size`` inside ``--model_args`` is rejected as a duplicate.)
+Multi-process: ``accelerate launch --num_processes N -m lmms_eval ...``; on CPU-only hosts
+``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m lmms_eval ...``.
+
+In-process, e.g. evaluation during training, wrap an already-loaded model: ``FineViTVL.from_model(model, processor)``.
+The wrapper survives ``evaluate()`` (its ``clean()`` keeps the model), so one instance can be evaluated many times.
+"""
+
+import copy
+import gc
+import json
+import os
+from collections import defaultdict
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.protocol import ChatMessages
+from tqdm import tqdm
+
+from finevit_vl import boxes
+
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class FineViTVL(lmms):
+    """FineViT-VL for lmms-eval chat tasks (requests ``(ctx, doc_to_messages, gen_kwargs, doc_id, task, split)``).
+
+    Args:
+        pretrained: checkpoint directory (or hub id) loadable with ``AutoModelForImageTextToText``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available. Under ``accelerate launch`` each
+            process uses its own device and lmms-eval hands it its share of the documents.
+        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        batch_size: prompts generated together (left-padded, sorted by length); ``--batch_size`` on the CLI.
+        max_pixels, min_pixels: override the image processor's pixel budget.
+        attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``.
+        adapter: a PEFT adapter directory, merged into the model after loading.
+        box_format: the box convention the model answers in (`finevit_vl.boxes`). The grounding tasks score our
+            ``int1000`` convention, so boxes in any other convention are rewritten to it before scoring.
+        max_new_tokens: used when a task sets none.
+    """
+
+    is_simple = False
+
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        attn_implementation: str | None = None,
+        adapter: str | None = None,
+        box_format: str = "int1000",
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_batch_size: int | None = None,  # passed by lmms-eval; batch sizes are fixed here
+        **kwargs,
+    ) -> None:
+        if kwargs:
+            raise ValueError(f"Unknown finevit_vl model_args {sorted(kwargs)}; see `help(finevit_vl.eval.lmms_model.FineViTVL)`.")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        super().__init__()
+        from accelerate import Accelerator
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import finevit_vl  # noqa: F401  (registers the FineViT-VL auto classes)
+
+        # lmms-eval shards by the launcher's WORLD_SIZE / RANK; Accelerator picks the device and gathers the results
+        # (on CPU-only hosts it needs ACCELERATE_USE_CPU=1).
+        accelerator = Accelerator() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        if accelerator is not None:
+            device = str(accelerator.device)
+        elif device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+
+        load_kwargs = {"dtype": DTYPES[dtype]}
+        if attn_implementation is not None:
+            load_kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = model.to(device).eval()
+        processor = AutoProcessor.from_pretrained(pretrained)
+        self._attach(model, processor, batch_size, max_pixels, min_pixels, box_format, max_new_tokens, accelerator)
+
+    @classmethod
+    def from_model(
+        cls,
+        model,
+        processor,
+        batch_size: int = 1,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        box_format: str = "int1000",
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        accelerator=None,
+    ) -> "FineViTVL":
+        """Wrap an already-loaded (unwrapped, not DDP) model and its processor, e.g. inside a training loop.
+
+        The model stays where it is; its train/eval mode is restored after each generation call. Pass the training
+        ``accelerator`` when running multi-process so lmms-eval gathers results through it.
+        """
+        self = cls.__new__(cls)
+        lmms.__init__(self)
+        self._attach(model, processor, batch_size, max_pixels, min_pixels, box_format, max_new_tokens, accelerator)
+        return self
+
+    def _attach(self, model, processor, batch_size, max_pixels, min_pixels, box_format, max_new_tokens, accelerator):
+        boxes.check_box_format(box_format)
+        self.model = model
+        self.processor = processor
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.box_format = box_format
+        self.max_new_tokens = int(max_new_tokens)
+        if max_pixels is not None or min_pixels is not None:
+            # Own copy of the image processor, so a training loop's processor keeps its budget.
+            processor = copy.copy(processor)
+            processor.image_processor = copy.deepcopy(processor.image_processor)
+            self.processor = processor
+        image_processor = processor.image_processor
+        if max_pixels is not None:
+            image_processor.max_pixels = int(max_pixels)
+        if min_pixels is not None:
+            image_processor.min_pixels = int(min_pixels)
+        if image_processor.min_pixels > image_processor.max_pixels:
+            raise ValueError(f"min_pixels ({image_processor.min_pixels}) exceeds max_pixels ({image_processor.max_pixels})")
+        if accelerator is not None:
+            self.accelerator = accelerator
+            if accelerator.num_processes > 1:
+                self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # lmms API
+
+    def loglikelihood(self, requests: list[Instance]):
+        raise NotImplementedError("finevit_vl only supports generation tasks (output_type: generate_until).")
+
+    def generate_until_multi_round(self, requests: list[Instance]):
+        raise NotImplementedError("finevit_vl does not support multi-round generation tasks.")
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        # Batches share generation kwargs; within a group the longest prompts go first so memory problems show early.
+        groups = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[json.dumps(request.args[2], sort_keys=True, default=str)].append(index)
+        batches = []
+        for indices in groups.values():
+            indices.sort(key=lambda i: -len(requests[i].args[0]))
+            batches += [indices[start : start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
+
+        results: list[str | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="finevit_vl generating")
+        for batch in batches:
+            for index, text in zip(batch, self._generate([requests[i].args for i in batch])):
+                results[index] = text
+            progress.update(len(batch))
+        progress.close()
+        return results
+
+    def clean(self) -> None:
+        # lmms.clean() deletes every nn.Module attribute; keep the model so the wrapper can be evaluated again.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Generation
+
+    def _chat(self, doc_to_messages, doc_id, task, split) -> tuple[list[dict], list]:
+        """-> (HF chat messages with ``{"type": "image"}`` placeholders, the images in order)."""
+        chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
+        images, videos, audios = chat.extract_media()
+        if videos or audios:
+            raise ValueError(f"finevit_vl takes images and text only; task {task!r} sends video or audio.")
+        messages = chat.to_hf_messages()
+        for message in messages:
+            message["content"] = [{"type": "image"} if item["type"] == "image" else item for item in message["content"]]
+        return messages, images
+
+    @torch.no_grad()
+    def _generate(self, batch_args: list[tuple]) -> list[str]:
+        chats = [self._chat(doc_to_messages, doc_id, task, split) for _, doc_to_messages, _, doc_id, task, split in batch_args]
+        gen_kwargs = dict(batch_args[0][2])
+        until = gen_kwargs.pop("until", None) or []
+        until = [stop for stop in ([until] if isinstance(until, str) else until) if stop]
+
+        tokenizer = self.processor.tokenizer
+        texts = [self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) for messages, _ in chats]
+        images = [image for _, chat_images in chats for image in chat_images]
+        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        was_training = self.model.training
+        try:
+            inputs = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt").to(self.device)
+            self.model.eval()
+            output_ids = self.model.generate(**inputs, **self._generation_config(gen_kwargs, until))
+        finally:
+            tokenizer.padding_side = padding_side
+            self.model.train(was_training)
+        # Left padding: every prompt ends at the same column, so the new tokens are what follows it.
+        answers = tokenizer.batch_decode(output_ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [self._postprocess(answer, until) for answer in answers]
+
+    def _generation_config(self, gen_kwargs: dict, until: list[str]) -> dict:
+        temperature = float(gen_kwargs.get("temperature", 0.0))
+        do_sample = bool(gen_kwargs.get("do_sample", temperature > 0))
+        config = {
+            "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
+            "do_sample": do_sample,
+            "num_beams": int(gen_kwargs.get("num_beams", 1)),
+            "pad_token_id": self.processor.tokenizer.pad_token_id,
+        }
+        if do_sample:
+            config.update(temperature=temperature or 1.0, top_p=float(gen_kwargs.get("top_p", 1.0)))
+        if until:
+            # Stop early on the task's stop strings; the answer is cut at them afterwards anyway.
+            config.update(stop_strings=until, tokenizer=self.processor.tokenizer)
+        return config
+
+    def _postprocess(self, answer: str, until: list[str]) -> str:
+        for stop in until:
+            answer = answer.split(stop, 1)[0]
+        answer = answer.strip()
+        if self.box_format != "int1000":
+            # Rewrite the model's boxes into the int 0-1000 convention the grounding tasks score.
+            answer = boxes.BOX_PATTERN.sub(
+                lambda m: boxes.box_to_text(boxes.parse_box(m.group(0), self.box_format), 1, 1, "int1000"), answer
+            )
+        return answer
+
+
+__all__ = ["FineViTVL"]

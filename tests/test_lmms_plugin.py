@@ -1,0 +1,109 @@
+"""The lmms-eval plugin `finevit_vl.eval.lmms_model.FineViTVL` on a tiny random FineViT-VL."""
+
+import pytest
+from PIL import Image
+
+
+pytest.importorskip("lmms_eval")
+from lmms_eval.api.instance import Instance
+
+from finevit_vl.eval.lmms_model import FineViTVL
+from finevit_vl.tiny import save_tiny_checkpoint
+
+
+TASK, SPLIT = "toy_task", "test"
+QUESTIONS = ["How many circles?", "What is written in the top left corner of the page?", "Red?", "Describe the chart.", "Total?"]
+SIZES = [(64, 64), (120, 80), (56, 200), (90, 90), (150, 60)]
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_vl")), text_model_type="qwen3", seed=0)
+
+
+@pytest.fixture(scope="module")
+def docs():
+    colors = ["red", "green", "blue", "white", "black"]
+    return [{"image": Image.new("RGB", size, color), "question": q} for size, color, q in zip(SIZES, colors, QUESTIONS)]
+
+
+def _doc_to_messages(doc):
+    return [{"role": "user", "content": [{"type": "image", "url": doc["image"]}, {"type": "text", "text": doc["question"]}]}]
+
+
+def _requests(docs, gen_kwargs):
+    return [
+        Instance(
+            request_type="generate_until",
+            arguments=(doc["question"], _doc_to_messages, dict(gen_kwargs), doc_id, TASK, SPLIT),
+            idx=0,
+            metadata={"task": TASK, "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id, doc in enumerate(docs)
+    ]
+
+
+def _run(model, docs, gen_kwargs=GREEDY):
+    model.task_dict = {TASK: {SPLIT: docs}}
+    return model.generate_until(_requests(docs, gen_kwargs))
+
+
+def test_batched_generation_matches_batch_size_one(checkpoint, docs):
+    single = _run(FineViTVL(pretrained=checkpoint, batch_size=1, device="cpu", dtype="float32"), docs)
+    batched = _run(FineViTVL(pretrained=checkpoint, batch_size="3", device="cpu", dtype="float32"), docs)
+    assert len(single) == len(docs) and all(isinstance(text, str) for text in single)
+    assert any(single), "the tiny model generated nothing at all; the comparison would be vacuous"
+    assert batched == single
+
+
+def test_until_cuts_the_answer(checkpoint, docs):
+    model = FineViTVL(pretrained=checkpoint, batch_size=2)
+    full = _run(model, docs)
+    # Stop on a piece of the first answer: that answer is cut before it, answers without it are unchanged.
+    index, text = next((i, t) for i, t in enumerate(full) if len(t.strip()) >= 4)
+    stop = text[2:4]
+    cut = _run(model, docs, {**GREEDY, "until": [stop]})
+    for before, after in zip(full, cut):
+        assert after == before.split(stop, 1)[0].strip()
+    assert cut[index] == text.split(stop, 1)[0].strip()
+    assert model._postprocess("12 apples\n\nand more", ["\n\n"]) == "12 apples"
+
+
+def test_clean_keeps_the_model_and_from_model_reuses_it(checkpoint, docs):
+    model = FineViTVL(pretrained=checkpoint, batch_size=2)
+    first = _run(model, docs)
+    model.clean()  # lmms-eval calls this at the end of every evaluate()
+    assert model.model is not None
+    assert _run(model, docs) == first
+
+    # In-training use: wrap the live model; its train mode and the tokenizer's padding side are left as they were.
+    model.model.train()
+    model.processor.tokenizer.padding_side = "right"
+    wrapped = FineViTVL.from_model(model.model, model.processor, batch_size=4)
+    assert _run(wrapped, docs) == first
+    assert wrapped.model.training
+    assert model.processor.tokenizer.padding_side == "right"
+    budget = model.processor.image_processor.max_pixels
+    smaller = FineViTVL.from_model(model.model, model.processor, max_pixels=budget // 4)
+    assert smaller.processor.image_processor.max_pixels == budget // 4
+    assert model.processor.image_processor.max_pixels == budget
+
+
+def test_model_args_are_validated_and_applied(checkpoint):
+    model = FineViTVL(pretrained=checkpoint, max_pixels=100352, min_pixels=3136, box_format="norm1")
+    assert model.processor.image_processor.max_pixels == 100352
+    assert model._postprocess("It is [0.1, 0.2, 0.5, 1.0].", []) == "It is [100, 200, 500, 1000]."
+    with pytest.raises(ValueError, match="Unknown finevit_vl model_args"):
+        FineViTVL(pretrained=checkpoint, max_pixel=1)
+    with pytest.raises(ValueError, match="dtype"):
+        FineViTVL(pretrained=checkpoint, dtype="fp8")
+    with pytest.raises(NotImplementedError):
+        model.loglikelihood([])
+
+
+def test_entry_point_manifest_resolves():
+    from lmms_eval import models
+
+    assert models.get_model("finevit_vl") is FineViTVL
+    assert FineViTVL.is_simple is False
