@@ -164,3 +164,18 @@ def test_image_text_to_text_pipeline(tiny_checkpoint, images):
 
 def test_no_split_modules_cover_encoder_and_llm(tiny_qwen3):
     assert {"FineViTBlock", "Qwen3DecoderLayer"} <= set(tiny_qwen3[0]._no_split_modules)
+
+
+def test_projector_position_features_start_at_zero_and_follow_token_order(tokenizer, images):
+    from finevit_vl.models.modeling_finevit_vl import normalized_position_features
+
+    plain, processor = build_tiny_model("qwen3", tokenizer=tokenizer, seed=3)
+    with_positions, _ = build_tiny_model("qwen3", tokenizer=tokenizer, seed=3, projector_position_frequencies=4)
+    inputs = processor(images=[images[0]], text=[_prompt(processor, "Where?")])
+    with torch.no_grad():  # zero-initialised: enabling it changes nothing until trained
+        torch.testing.assert_close(plain(**inputs).logits, with_positions(**inputs).logits)
+    features = normalized_position_features(torch.tensor([[1, 4, 6]]), merge_size=2, num_frequencies=1)
+    # 2x3 merged grid, row-major: token 1 is row 0 / col 1, token 3 is row 1 / col 0.
+    angles = torch.atan2(features[:, :2], features[:, 2:]) / torch.pi  # (y, x) centres in [0, 1]
+    torch.testing.assert_close(angles[1], torch.tensor([0.25, 0.5]))
+    torch.testing.assert_close(angles[3], torch.tensor([0.75, 1 / 6]))

@@ -25,6 +25,10 @@ class FineViTVLConfig(PreTrainedConfig):
             (1 disables merging).
         projector_hidden_act (`str`, *optional*, defaults to `"gelu"`): activation of the 2-layer MLP projector.
         projector_intermediate_size (`int`, *optional*): hidden size of the projector MLP; defaults to the LLM width.
+        projector_position_frequencies (`int`, *optional*, defaults to 0): when > 0, the projector adds a learned
+            projection of Fourier features (this many frequencies per axis) of each image token's normalised (row,
+            col) centre. Off by default (the paper's projector is a plain 2-layer MLP); it makes absolute box
+            coordinates much easier to learn for small LLMs.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`): copied from `text_config` when it ties.
 
     Example:
@@ -49,6 +53,7 @@ class FineViTVLConfig(PreTrainedConfig):
     spatial_merge_size: int = 2
     projector_hidden_act: str = "gelu"
     projector_intermediate_size: int | None = None
+    projector_position_frequencies: int = 0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -179,28 +179,27 @@ class FineViTImageProcessor(BaseImageProcessor):
         """LLM tokens one image of this size becomes after the `merge_size x merge_size` merge."""
         return self.get_number_of_image_patches(height, width) // self.merge_size**2
 
-    def _resize(self, image: Image.Image, height: int, width: int) -> np.ndarray:
+    def _resize(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
         """-> `(height, width, 3)` uint8."""
         if self.backend == "torchvision":
             from torchvision.transforms.v2 import functional as tvF  # optional dependency, imported on use
 
-            tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+            tensor = tvF.pil_to_tensor(image)  # (C, H, W) uint8
             mode = {"bicubic": tvF.InterpolationMode.BICUBIC, "bilinear": tvF.InterpolationMode.BILINEAR,
                     "lanczos": tvF.InterpolationMode.LANCZOS}[self.resample]
             tensor = tvF.resize(tensor, [height, width], interpolation=mode, antialias=True)
-            return tensor.permute(1, 2, 0).numpy()
+            return tensor.permute(1, 2, 0)
         if image.size != (width, height):
             image = image.resize((width, height), RESAMPLE_FILTERS[self.resample])
-        return np.array(image)  # a writable copy: torch refuses read-only buffers
+        return torch.from_numpy(np.array(image))  # a writable copy: torch refuses read-only buffers
 
-    def _patchify(self, array: np.ndarray) -> torch.Tensor:
-        """`(H, W, C)` uint8 -> `(H/p * W/p, C * p * p)` uint8, merge-group-major."""
+    def _patchify(self, image: torch.Tensor) -> torch.Tensor:
+        """`(H, W, C)` -> view `(H/pm, W/pm, m, m, C, p, p)` (no copy): merge groups contiguous, `(C, p, p)` per patch."""
         p, m = self.patch_size, self.merge_size
-        height, width, channels = array.shape
-        gh, gw = height // p, width // p
-        patches = torch.from_numpy(np.ascontiguousarray(array)).view(gh // m, m, p, gw // m, m, p, channels)
-        # (bh, mh, ph, bw, mw, pw, C) -> (bh, bw, mh, mw, C, ph, pw): merge groups contiguous, (C, p, p) per patch.
-        return patches.permute(0, 3, 1, 4, 6, 2, 5).reshape(gh * gw, channels * p * p)
+        height, width, channels = image.shape
+        patches = image.view(height // (p * m), m, p, width // (p * m), m, p, channels)
+        # (bh, mh, ph, bw, mw, pw, C) -> (bh, bw, mh, mw, C, ph, pw)
+        return patches.permute(0, 3, 1, 4, 6, 2, 5)
 
     def preprocess(
         self,
@@ -216,19 +215,29 @@ class FineViTImageProcessor(BaseImageProcessor):
             flat.extend(item if isinstance(item, (list, tuple)) else [item])
         if not flat:
             raise ValueError("FineViTImageProcessor got no images")
-        patches, grids = [], []
+        rgbs, grids = [], []
         for index, image in enumerate(flat):
             name = image_names[index] if image_names else (str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}")
             rgb = to_rgb_image(image, name)
             height, width = self.get_resized_size(rgb.height, rgb.width, name)
-            patches.append(self._patchify(self._resize(rgb, height, width)))
+            rgbs.append(rgb)
             grids.append((1, height // self.patch_size, width // self.patch_size))
-        packed = torch.cat(patches, dim=0) if len(patches) > 1 else patches[0]
-        # Normalise once over the whole pack: x * 1/(255 std) - mean/std, per channel of each (C, p, p) patch.
+
+        # Sizes are known before any resize, so every image is written straight into one preallocated fp32 pack:
+        # resize -> one permuting copy that also converts uint8 to fp32 -> normalise in place while it is in cache.
+        # x * 1/(255 std) - mean/std, per channel of each (C, p, p) patch.
+        p2 = self.patch_size**2
         std, mean = torch.tensor(self.image_std), torch.tensor(self.image_mean)
-        scale = (1.0 / (255.0 * std)).repeat_interleave(self.patch_size**2)
-        offset = (-mean / std).repeat_interleave(self.patch_size**2)
-        pixel_values = torch.addcmul(offset, packed.to(torch.float32), scale)
+        scale = (1.0 / (255.0 * std)).repeat_interleave(p2)
+        offset = (-mean / std).repeat_interleave(p2)
+        pixel_values = torch.empty(sum(h * w for _, h, w in grids), len(self.image_mean) * p2, dtype=torch.float32)
+        start = 0
+        for rgb, (_, grid_h, grid_w) in zip(rgbs, grids):
+            patches = self._patchify(self._resize(rgb, grid_h * self.patch_size, grid_w * self.patch_size))
+            block = pixel_values[start : start + grid_h * grid_w]  # (h*w, C*p*p)
+            block.view(patches.shape).copy_(patches)
+            torch.addcmul(offset, block, scale, out=block)
+            start += grid_h * grid_w
         data = {"pixel_values": pixel_values, "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
         return BatchFeature(data=data, tensor_type=return_tensors)
 

@@ -45,12 +45,11 @@ class FineViTRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        # Normalise in fp32: bf16 sums of squares lose too much precision at width 1536.
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        # `F.rms_norm` is one fused kernel that normalises in fp32 whatever the input dtype (bf16 sums of squares lose
+        # too much precision at width 1536) and rounds once to the input dtype: bitwise equal to the unfused
+        # `x.float() * rsqrt(mean(x.float()**2) + eps)` followed by `.to(dtype)`, without the fp32 copy of `x`.
+        normed = F.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed
 
 
 class FineViTMLP(nn.Module):
@@ -93,12 +92,14 @@ class FineViTRotaryEmbedding(nn.Module):
         return 1.0 / (self.theta ** (torch.arange(0, self.axis_dim, 2, dtype=torch.float32) / self.axis_dim))
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`position_ids` `(num_patches, 2)` of (row, col) -> `cos, sin` of shape `(num_patches, head_dim)`, fp32."""
+        """`position_ids` `(num_patches, 2)` of (row, col) -> `cos, sin` of shape `(num_patches, 1, 1, head_dim/2)`, fp32.
+
+        Both halves of a head share these angles (RoPE pairs channel `i` with `i + head_dim/2`), so only one half is
+        returned; the singleton dims broadcast over (query/key, heads)."""
         # Angles are computed in fp32 whatever the model dtype: bf16 cannot represent row*freq precisely.
         freqs = position_ids.to(torch.float32)[:, :, None] * self.inv_freq.to(position_ids.device)[None, None, :]
-        freqs = freqs.flatten(1)  # (N, 2, head_dim/4) -> (N, head_dim/2): [rows..., cols...]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        freqs = freqs.flatten(1)[:, None, None, :]  # (N, 2, head_dim/4) -> (N, 1, 1, head_dim/2): [rows..., cols...]
+        return freqs.cos(), freqs.sin()
 
 
 def get_vision_position_ids(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
@@ -134,21 +135,26 @@ def is_flash_attention_requested(config: FineViTConfig) -> bool:
     return "flash_attention" in implementation or "flash-attn" in implementation
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary_pos_emb_vision(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries and keys together: `x * cos + rotate_half(x) * sin` with `rotate_half(x) = [-x2, x1]`.
 
+    Args:
+        query_key (`torch.Tensor` of shape `(N, 2, heads, head_dim)`): queries and keys (a view into the qkv output).
+        cos, sin (`torch.Tensor` of shape `(N, 1, 1, head_dim/2)`): fp32 angles from [`FineViTRotaryEmbedding`].
 
-def apply_rotary_pos_emb_vision(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k `(N, heads, head_dim)`; cos, sin `(N, head_dim)`. Rotation in fp32, result in the input dtype."""
-    orig_q_dtype, orig_k_dtype = q.dtype, k.dtype
-    q, k = q.float(), k.float()
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    q_embed = (q * cos) + (rotate_half(q) * sin)
-    k_embed = (k * cos) + (rotate_half(k) * sin)
-    return q_embed.to(orig_q_dtype), k_embed.to(orig_k_dtype)
+    Returns:
+        `torch.Tensor` of shape `(N, 2, heads, head_dim)` in the input dtype. The rotation runs in fp32 and is rounded
+        once, and each half is computed from the halves of `x`, so no rotated copy of `x` is built.
+    """
+    x1, x2 = query_key.float().chunk(2, dim=-1)
+    if torch.is_grad_enabled() and query_key.requires_grad:
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(query_key.dtype)
+    # Inference: write both halves straight into the output (`out=` has no autograd), skipping the concatenation.
+    rotated = torch.empty(query_key.shape, dtype=query_key.dtype, device=query_key.device)
+    first, second = rotated.chunk(2, dim=-1)
+    torch.sub(x1 * cos, x2 * sin, out=first)
+    torch.add(x2 * cos, x1 * sin, out=second)
+    return rotated
 
 
 def eager_attention_forward(
@@ -206,10 +212,10 @@ class FineViTAttention(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         seq_length = hidden_states.shape[0]
-        # (N, 3*D) -> 3 x (N, heads, head_dim)
-        query, key, value = self.qkv(hidden_states).view(seq_length, 3, self.num_heads, self.head_dim).unbind(1)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+        # (N, 3*D) -> (N, 3, heads, head_dim); queries and keys are rotated in one pass, values stay a view.
+        qkv = self.qkv(hidden_states).view(seq_length, 3, self.num_heads, self.head_dim)
+        query, key = apply_rotary_pos_emb_vision(qkv[:, :2], *position_embeddings).unbind(1)
+        value = qkv[:, 2]
         dropout = self.attention_dropout if self.training else 0.0
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(

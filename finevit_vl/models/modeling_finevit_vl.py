@@ -1,10 +1,12 @@
 # Copyright 2026 The FineViT-VL Authors. Licensed under the Apache License, Version 2.0.
 """PyTorch FineViT-VL: FineViT encoder -> 2x2 merge + MLP projector -> any causal LLM."""
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
@@ -48,6 +50,49 @@ class FineViTVLCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.Tensor | None = None
 
 
+def normalized_position_features(grid_thw: torch.Tensor, merge_size: int, num_frequencies: int) -> torch.Tensor:
+    """Fourier features of each merged token's centre in normalised image coordinates.
+
+    Args:
+        grid_thw (`torch.LongTensor` of shape `(num_images, 3)`): patch grid of each image.
+        merge_size (`int`): side of a merge group.
+        num_frequencies (`int`): frequencies `2^k * pi`, `k < num_frequencies`, per axis.
+
+    Returns:
+        `torch.Tensor` of shape `(num_image_tokens, 4 * num_frequencies)`, fp32, in merged-token order (row-major over
+        the merged grid, which is the order the processor's merge-group-major patches produce).
+    """
+    frequencies = math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32)
+    features = []
+    for t, h, w in grid_thw.tolist():
+        rows, cols = h // merge_size, w // merge_size
+        y = ((torch.arange(rows, dtype=torch.float32) + 0.5) / rows)[:, None].expand(rows, cols).reshape(-1, 1)
+        x = ((torch.arange(cols, dtype=torch.float32) + 0.5) / cols)[None, :].expand(rows, cols).reshape(-1, 1)
+        angles = torch.cat([y * frequencies, x * frequencies], dim=-1)  # (rows*cols, 2F)
+        features.append(torch.cat([angles.sin(), angles.cos()], dim=-1).repeat(t, 1))
+    return torch.cat(features, dim=0)
+
+
+class FineViTVLPositionEncoding(nn.Module):
+    """Adds a learned projection of each image token's normalised (row, col) centre to the projector output.
+
+    FineViT's 2D RoPE is relative, so encoder features carry little absolute position, and a 1D-RoPE LLM sees image
+    tokens only as a flat sequence; answering with absolute box coordinates (0-1000) then has to be inferred.
+    This optional term (`projector_position_frequencies > 0`) hands the LLM normalised coordinates directly. It starts
+    at zero, so enabling it on a trained model changes nothing until it is trained.
+    """
+
+    def __init__(self, num_frequencies: int, merge_size: int, text_size: int) -> None:
+        super().__init__()
+        self.num_frequencies = num_frequencies
+        self.merge_size = merge_size
+        self.weight = nn.Parameter(torch.zeros(text_size, 4 * num_frequencies))
+
+    def forward(self, image_grid_thw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        features = normalized_position_features(image_grid_thw, self.merge_size, self.num_frequencies)
+        return nn.functional.linear(features.to(self.weight.device, dtype), self.weight.to(dtype))
+
+
 class FineViTVLProjector(nn.Module):
     """g(.): optional `m x m` spatial merge of neighbouring patches, then a 2-layer MLP into the LLM width.
 
@@ -65,11 +110,21 @@ class FineViTVLProjector(nn.Module):
         self.linear_1 = nn.Linear(input_size, intermediate_size, bias=True)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(intermediate_size, text_size, bias=True)
+        self.position_encoding = (
+            FineViTVLPositionEncoding(config.projector_position_frequencies, config.spatial_merge_size, text_size)
+            if config.projector_position_frequencies > 0
+            else None
+        )
 
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_features: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         # (total_patches, D) -> (total_patches / m^2, m^2 * D)
         hidden_states = image_features.reshape(-1, image_features.shape[-1] * self.merge_unit)
-        return self.linear_2(self.act(self.linear_1(self.norm(hidden_states))))
+        hidden_states = self.linear_2(self.act(self.linear_1(self.norm(hidden_states))))
+        if self.position_encoding is not None:
+            if image_grid_thw is None:
+                raise ValueError("this projector adds position features and needs image_grid_thw")
+            hidden_states = hidden_states + self.position_encoding(image_grid_thw, hidden_states.dtype)
+        return hidden_states
 
 
 class FineViTVLPreTrainedModel(PreTrainedModel):
@@ -83,6 +138,11 @@ class FineViTVLPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the vision path does host-side bookkeeping over grid_thw
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, FineViTVLPositionEncoding):
+            init.zeros_(module.weight)
 
 
 class FineViTVLModel(FineViTVLPreTrainedModel):
@@ -132,7 +192,7 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
         # -1 means the final, normed features; other indices select raw block outputs.
         selected = [vision_outputs.last_hidden_state if i == -1 else vision_outputs.hidden_states[i] for i in layers]
         features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
-        image_embeds = self.multi_modal_projector(features)
+        image_embeds = self.multi_modal_projector(features, image_grid_thw)
         merge_unit = self.config.spatial_merge_size**2
         split_sizes = (image_grid_thw.prod(-1) // merge_unit).tolist()
         image_embeds = torch.split(image_embeds, split_sizes)
