@@ -1,0 +1,247 @@
+"""Records -> model inputs: chat-template tokenization with assistant-only labels, then collation into batches.
+
+The path of one sample::
+
+    (record, location) --load_record_images--> images (+ width/height)   BadRecordError on any problem
+        --record_to_messages(box_format)-->   chat messages               boxes become text here, at collate time
+        --SampleEncoder.encode_messages-->    EncodedSample               labels only on assistant tokens
+
+Labels come from the chat template's ``{% generation %}`` blocks (transformers' assistant-mask mechanism): the text is
+rendered once, the character spans of the assistant turns are mapped onto the tokens, and only those tokens (answer +
+end-of-turn token) are supervised. Image placeholders are expanded after tokenization, at the id level, into
+``grid_h * grid_w / merge**2`` image tokens, exactly as `FineViTVLProcessor` does. A sample longer than ``max_length``
+after that expansion is rejected (never truncated: a cut image would not match its features).
+
+`collate_rows` turns rows of samples into one micro-batch. A row holds one sample (plain batching) or several
+(packing, see `finevit_vl.data.packing`); positions restart at every sample, and `segment_ids` say which tokens may
+attend to each other. A micro-batch without any image gets a tiny zero-weighted dummy image, so every rank of a
+sharded engine (ZeRO-3 / FSDP) runs the vision tower on every step.
+"""
+
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from .images import load_record_images
+from .render import record_to_messages
+from .schema import BadRecordError, Record, record_location
+
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedSample:
+    """One tokenized sample.
+
+    Attributes:
+        input_ids (`torch.LongTensor` of shape `(seq_len,)`): token ids, image placeholders already expanded.
+        labels (`torch.LongTensor` of shape `(seq_len,)`): `input_ids` on assistant tokens, -100 elsewhere.
+        pixel_values (`torch.Tensor` of shape `(num_patches, 3 * patch_size**2)`, *optional*): packed image patches.
+        image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*).
+        location (`str`): where the record came from, for error messages.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    location: str = ""
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+class SampleEncoder:
+    """Encode chat messages (or whole records) into `EncodedSample`s with the processor's tokenizer and chat template.
+
+    Args:
+        processor (`FineViTVLProcessor`): its chat template must wrap assistant turns in `{% generation %}`.
+        max_length (`int`): longest accepted sequence after image expansion; longer samples raise `BadRecordError`.
+        box_format (`str`): box text convention (`"int1000"` or `"norm1"`), see `finevit_vl.boxes`.
+        max_regions (`int`, *optional*): cap on regions / OCR items rendered per record.
+        shuffle_turns (`bool`): shuffle the Q/A turns of a record, seeded by `seed`, the pass and the location.
+        seed (`int`): seed of that shuffle.
+    """
+
+    def __init__(
+        self,
+        processor,
+        max_length: int,
+        box_format: str = "int1000",
+        max_regions: int | None = None,
+        shuffle_turns: bool = True,
+        seed: int = 0,
+    ) -> None:
+        template = processor.chat_template
+        if not template or "generation" not in template:
+            raise ValueError(
+                "The processor's chat template does not mark assistant turns with {% generation %} ... "
+                "{% endgeneration %}, so assistant-only labels cannot be computed. Use a template from "
+                "finevit_vl.models.chat_templates (build_chat_template) or add the markers to your template."
+            )
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.image_token_id = processor.image_token_id
+        self.max_length = max_length
+        self.box_format = box_format
+        self.max_regions = max_regions
+        self.shuffle_turns = shuffle_turns
+        self.seed = seed
+
+    def encode_messages(self, messages: list[dict], images: list[Image.Image] | None = None) -> EncodedSample:
+        """Tokenize one conversation; `images` pair in order with its `{"type": "image"}` items.
+
+        Raises:
+            `ValueError` if the template renders no assistant tokens, the image count does not match, or the
+            expanded sequence exceeds `max_length`.
+        """
+        images = list(images or [])
+        rendered, generation_indices = render_jinja_template(
+            conversations=[messages],
+            chat_template=self.processor.chat_template,
+            return_assistant_tokens_mask=True,
+            **self.tokenizer.special_tokens_map,
+        )
+        text, spans = rendered[0], generation_indices[0]
+        # The template writes every special token itself (BOS included), as in `processor.apply_chat_template`.
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        supervised = [any(start < end_char and end > start_char for start_char, end_char in spans) for start, end in offsets]
+        if not any(supervised):
+            raise ValueError(
+                "no assistant tokens to learn from: the conversation has no assistant turn, or the chat template's "
+                "{% generation %} blocks do not line up with the tokenizer (check the template of this LLM)"
+            )
+
+        placeholders = [i for i, token in enumerate(ids) if token == self.image_token_id]
+        if len(placeholders) != len(images):
+            raise ValueError(f"{len(placeholders)} image placeholder(s) in the rendered text but {len(images)} image(s)")
+        pixel_values = image_grid_thw = None
+        counts: list[int] = []
+        if images:
+            image_inputs = self.image_processor(images, return_tensors="pt")
+            pixel_values, image_grid_thw = image_inputs["pixel_values"], image_inputs["image_grid_thw"]
+            counts = (image_grid_thw.prod(-1) // self.image_processor.merge_size**2).tolist()
+        length = len(ids) + sum(counts) - len(counts)
+        if length > self.max_length:
+            raise ValueError(
+                f"sample is {length} tokens after image expansion ({sum(counts)} image tokens), over max_length "
+                f"{self.max_length}; skipped, not truncated (raise data.max_length or lower data.max_pixels)"
+            )
+
+        # Expand each placeholder into its image tokens (never supervised).
+        input_ids: list[int] = []
+        labels: list[int] = []
+        image_counts = iter(counts)
+        for token, is_supervised in zip(ids, supervised):
+            repeat = next(image_counts) if token == self.image_token_id else 1
+            input_ids.extend([token] * repeat)
+            labels.extend([token if is_supervised and token != self.image_token_id else IGNORE_INDEX] * repeat)
+        # The first token never has a predecessor: keep it unsupervised so packed samples never learn across a boundary.
+        labels[0] = IGNORE_INDEX
+        return EncodedSample(
+            input_ids=torch.tensor(input_ids, dtype=torch.long),
+            labels=torch.tensor(labels, dtype=torch.long),
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+        )
+
+    def encode_record(self, record: Record, location: str, epoch: int = 0) -> EncodedSample:
+        """Open, validate, render and tokenize one record; every problem raises `BadRecordError` naming `location`."""
+        images = load_record_images(record, location)
+        where = record_location(record, location)
+        rng = random.Random(f"{self.seed}:{epoch}:{location}") if self.shuffle_turns else None
+        try:
+            messages = record_to_messages(
+                record, record.get("width", 1), record.get("height", 1), self.box_format, rng, self.max_regions
+            )
+            sample = self.encode_messages(messages, images)
+        except ValueError as err:  # too long, image processor refusal (aspect ratio), template mismatch, ...
+            raise BadRecordError(where, str(err)) from None
+        sample.location = where
+        return sample
+
+
+def dummy_image(image_processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest image the encoder accepts: one merge group of zero patches, `(merge**2, 3 * patch**2)` + its grid."""
+    merge, patch = image_processor.merge_size, image_processor.patch_size
+    pixel_values = torch.zeros(merge * merge, 3 * patch * patch)
+    return pixel_values, torch.tensor([[1, merge, merge]], dtype=torch.long)
+
+
+def collate_rows(rows: list[list[EncodedSample]], pad_token_id: int, image_processor) -> dict[str, torch.Tensor]:
+    """Rows of samples -> one micro-batch, right-padded to the longest row.
+
+    Returns a dict with `input_ids`, `labels` and `position_ids` `(num_rows, row_len)`; `segment_ids`
+    `(num_rows, row_len)` (index of the sample within its row, -1 on padding); `sample_ids` `(num_rows, row_len)`
+    (index of the sample in the micro-batch, -1 on padding); `pixel_values`, `image_grid_thw`; and
+    `image_token_weight` (a zero scalar) when the batch has no image and carries a dummy one.
+    """
+    if not rows or not all(rows):
+        raise ValueError("collate_rows needs at least one non-empty row")
+    row_len = max(sum(sample.length for sample in row) for row in rows)
+    shape = (len(rows), row_len)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segment_ids = torch.full(shape, -1, dtype=torch.long)
+    sample_ids = torch.full(shape, -1, dtype=torch.long)
+    pixel_values, grids = [], []
+    sample_index = 0
+    for row_index, row in enumerate(rows):
+        start = 0
+        for segment, sample in enumerate(row):
+            end = start + sample.length
+            input_ids[row_index, start:end] = sample.input_ids
+            labels[row_index, start:end] = sample.labels
+            position_ids[row_index, start:end] = torch.arange(sample.length)
+            segment_ids[row_index, start:end] = segment
+            sample_ids[row_index, start:end] = sample_index
+            if sample.num_images:
+                pixel_values.append(sample.pixel_values)
+                grids.append(sample.image_grid_thw)
+            start, sample_index = end, sample_index + 1
+        # Padding continues the positions from 0 like one more (unsupervised) sequence.
+        position_ids[row_index, start:] = torch.arange(row_len - start)
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "sample_ids": sample_ids,
+    }
+    if pixel_values:
+        batch["pixel_values"] = torch.cat(pixel_values)
+        batch["image_grid_thw"] = torch.cat(grids)
+    else:
+        batch["pixel_values"], batch["image_grid_thw"] = dummy_image(image_processor)
+        batch["image_token_weight"] = torch.zeros(())
+    return batch
+
+
+def filler_batch(pad_token_id: int, image_processor) -> dict[str, torch.Tensor]:
+    """An unsupervised two-token row with the dummy image: lets a rank with less data run the same number of
+    forwards as the others (ZeRO-3 / FSDP gather parameters in every forward) without changing the loss."""
+    pads = torch.tensor([pad_token_id, pad_token_id])
+    return collate_rows([[EncodedSample(pads, torch.full_like(pads, IGNORE_INDEX))]], pad_token_id, image_processor)
+
+
+__all__ = ["IGNORE_INDEX", "EncodedSample", "SampleEncoder", "collate_rows", "dummy_image", "filler_batch"]

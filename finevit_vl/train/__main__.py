@@ -1,0 +1,143 @@
+"""Train one FineViT-VL stage from a YAML config: build parts -> freeze -> data -> train -> export.
+
+    finevit-vl train train_configs/tiny_cpu_stage3.yaml [key=value ...]
+    accelerate launch [--multi_gpu --num_processes N | --config_file train_configs/accelerate/X.yaml] \\
+        -m finevit_vl.train train_configs/stage3_align.yaml [key=value ...]
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+
+logger = logging.getLogger("finevit_vl.train")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """Nested config -> flat scalars for trackers (TensorBoard hparams take scalars only)."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _accelerator(config):
+    import importlib.util
+
+    from accelerate import Accelerator
+
+    mixed_precision = config.train.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    trackers = []
+    for tracker in config.logging.log_with:
+        if importlib.util.find_spec(tracker) is None:
+            logging.getLogger(__name__).warning("tracker %r is not installed; logging to metrics.jsonl only", tracker)
+        else:
+            trackers.append(tracker)
+    # cpu=True without a GPU: `accelerate launch --multi_gpu` then runs gloo processes on CPU.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, log_with=trackers or None,
+                       project_dir=config.run_dir)
+
+
+def _setup_logging(accelerator) -> None:
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    prefix = f"[rank {accelerator.process_index}] " if accelerator.num_processes > 1 else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "urllib3", "PIL", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(config) -> dict:
+    """The recipe. Returns what was exported (`{"model": dir, "adapter": dir}`), empty when stopped early."""
+    from accelerate.utils import set_seed
+
+    from ..data import build_source
+    from ..data.collator import SampleEncoder
+    from .config import config_to_dict, save_config
+    from .data import BadRecordLog, TrainStream
+    from .evaluation import HeldOutLoss, load_eval_samples
+    from .freeze import format_report, trainable_report
+    from .model import load_model, prepare_trainable
+    from .trainer import Trainer
+
+    accelerator = _accelerator(config)
+    _setup_logging(accelerator)
+    config.check_world_size(accelerator.num_processes)
+    run_dir = Path(config.run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # 1. Parts: model + processor (pixel budget of this stage set on the image processor).
+    model, processor, base_path = load_model(config, accelerator)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context and config.data.max_length > context:
+        raise ValueError(f"data.max_length={config.data.max_length} exceeds the LLM's context ({context} positions)")
+    # 2. Freeze policy / LoRA, logged.
+    model = prepare_trainable(model, config)
+    logger.info("trainable modules (%s):\n%s", "LoRA" if config.lora.enabled else "freeze policy",
+                format_report(trainable_report(model)))
+    # 3. Data: this rank's shard of the training records, the held-out records.
+    bad_records = BadRecordLog(run_dir / "bad_records.jsonl", rank)
+    encoder = SampleEncoder(processor, config.data.max_length, config.data.box_format, config.data.max_regions,
+                            config.data.shuffle_turns, config.seed)
+    stream = TrainStream(
+        build_source(config.data.train).shard(rank, world), encoder, config.train.global_batch_size // world,
+        config.train.micro_batch_size, config.data.pack, processor.tokenizer.pad_token_id, bad_records,
+    )
+    held_out = None
+    if config.data.eval is not None:
+        eval_encoder = SampleEncoder(processor, config.data.max_length, config.data.box_format, config.data.max_regions,
+                                     shuffle_turns=False)
+        samples = load_eval_samples(build_source(config.data.eval), eval_encoder, config.eval.max_samples, rank, world,
+                                    BadRecordLog(bad_records.path, rank))
+        held_out = HeldOutLoss(samples, config.train.micro_batch_size, processor.tokenizer.pad_token_id,
+                               processor.image_processor)
+    logger.info("%d process(es); %d samples per step = %d per rank in micro-batches of %d %s; max_pixels %d",
+                world, config.train.global_batch_size, config.train.global_batch_size // world,
+                config.train.micro_batch_size, "packed rows" if config.data.pack else "samples",
+                processor.image_processor.max_pixels)
+    # 4. Train, evaluate, export.
+    trainer = Trainer(config, accelerator, model, processor, base_path, stream, held_out)
+    if config.logging.log_with:
+        accelerator.init_trackers(config.logging.project_name, config=_flat(config_to_dict(config)))
+    written = trainer.fit()
+    accelerator.end_training()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import load_config
+
+    parser = argparse.ArgumentParser(prog="finevit-vl train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="YAML config (see train_configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 data.pack=true")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.print_config:
+        import yaml
+
+        from .config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        return 0
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The training config: one YAML file, `key=value` overrides on the command line, written back resolved to the run.
+
+```
+finevit-vl train train_configs/tiny_cpu_stage3.yaml train.max_steps=50 data.pack=true run_dir=runs/x
+```
+
+Every section is a dataclass below; unknown keys raise `ValueError` naming the key and the allowed ones. Relative
+data and model paths resolve against the current directory and are stored absolute in `run_dir/config.yaml`, so a
+run can be reproduced from its folder (`finevit-vl train runs/x/config.yaml`).
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+MODULES: tuple[str, ...] = ("vision_tower", "multi_modal_projector", "language_model")
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from: `init: tiny` (built locally, tokenizer trained on the training text) or `path`."""
+
+    init: str | None = None  # "tiny"
+    path: str | None = None  # a FineViT-VL checkpoint (e.g. from `finevit-vl build`), loaded with from_pretrained
+    text_model_type: str = "qwen3"  # tiny only
+    vision_preset: str = "finevit-test"  # tiny only
+    vocab_size: int = 512  # tiny only
+    tokenizer_corpus_records: int = 2000  # tiny only: training records read to train the tokenizer
+    text_overrides: dict[str, Any] = field(default_factory=dict)  # tiny only
+    dtype: str = "float32"  # weights: float32 | bfloat16 (mixed precision is train.mixed_precision)
+    attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2 | None (model default)
+    quantization: str | None = None  # 4bit | 8bit (QLoRA; needs lora.enabled and path)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ModuleConfig:
+    train: bool = True
+    lr: float | None = None  # None: optim.lr
+
+
+@dataclass
+class ModulesConfig:
+    """Freeze policy and learning rate per module; `language_model` includes `lm_head`."""
+
+    vision_tower: ModuleConfig = field(default_factory=lambda: ModuleConfig(train=False))
+    multi_modal_projector: ModuleConfig = field(default_factory=ModuleConfig)
+    language_model: ModuleConfig = field(default_factory=ModuleConfig)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the language model (PEFT); modules with `train: true` besides it are trained fully (`modules_to_save`)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    export: str = "both"  # adapter | merged | both
+
+
+@dataclass
+class DataConfig:
+    train: dict[str, Any] | None = None  # a `finevit_vl.data.build_source` config, e.g. {type: jsonl, path: ...}
+    eval: dict[str, Any] | None = None
+    box_format: str = "int1000"
+    max_length: int = 2048  # tokens after image expansion; longer samples are skipped (bad records), never truncated
+    min_pixels: int | None = None  # pixel budget of this stage, set on the image processor
+    max_pixels: int | None = None
+    pack: bool = False
+    max_regions: int | None = 16
+    shuffle_turns: bool = True
+    max_bad_records: int = 100  # training stops with an error after this many skipped records (all ranks)
+    prefetch_steps: int = 2  # steps prepared ahead in a background thread (0: inline)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 32  # samples per optimizer step, over all ranks
+    micro_batch_size: int = 4  # rows per forward on one rank (a row holds several samples when packing)
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    resume: str | bool = "auto"  # auto: latest checkpoint of run_dir | false | a checkpoint dir
+    stop_after_steps: int | None = None  # stop (checkpoint, no export) after this many steps in this invocation
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200  # held-out loss every N steps (0: only before and after training)
+    max_samples: int = 256
+    tasks: list[str] = field(default_factory=list)  # lmms-eval tasks via finevit_vl.eval.suite
+    tasks_every: int = 0  # 0: at the end only
+    limit: int | None = None
+    data_dir: str | None = None
+    batch_size: int = 8
+
+
+@dataclass
+class LoggingConfig:
+    log_with: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb
+    project_name: str = "finevit-vl"
+    peak_tflops: float | None = None  # per device; None: a table on GPU, a measured GEMM on CPU
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    dir: str | None = None  # default: run_dir/final (LoRA adapter: run_dir/adapter)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/finevit-vl"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    modules: ModulesConfig = field(default_factory=ModulesConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def validate(self) -> None:
+        """Raise `ValueError` for inconsistent settings, before anything expensive runs."""
+        if (self.model.init is None) == (self.model.path is None):
+            raise ValueError("set exactly one of model.init (tiny) and model.path (a FineViT-VL checkpoint)")
+        if self.model.init not in (None, "tiny"):
+            raise ValueError(f"model.init must be 'tiny', got {self.model.init!r}")
+        if self.model.quantization not in (None, "4bit", "8bit"):
+            raise ValueError(f"model.quantization must be 4bit, 8bit or null, got {self.model.quantization!r}")
+        if self.model.quantization and not (self.lora.enabled and self.model.path):
+            raise ValueError("model.quantization (QLoRA) needs lora.enabled: true and a model.path")
+        if self.model.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.model.dtype!r}")
+        if self.data.train is None:
+            raise ValueError("data.train is required, e.g. {type: jsonl, path: data/stage3/train.jsonl}")
+        if self.lora.export not in ("adapter", "merged", "both"):
+            raise ValueError(f"lora.export must be adapter, merged or both, got {self.lora.export!r}")
+        if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.train.mixed_precision!r}")
+        if min(self.train.max_steps, self.train.global_batch_size, self.train.micro_batch_size) < 1:
+            raise ValueError("train.max_steps, train.global_batch_size and train.micro_batch_size must be >= 1")
+        if not any(getattr(self.modules, name).train for name in MODULES):
+            raise ValueError("every module is frozen (modules.*.train: false): nothing to train")
+
+    def check_world_size(self, world_size: int) -> None:
+        if self.train.global_batch_size % world_size:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not divisible by the {world_size} "
+                "processes; each rank takes an equal share of every global batch"
+            )
+
+
+def _coerce(kind, value: Any, where: str) -> Any:
+    """Numbers written as strings (YAML reads `1e-5` as a string) become numbers; wrong types raise `ValueError`."""
+    options = get_args(kind) if get_origin(kind) in (Union, type(int | None)) else (kind,)
+    if value is None or isinstance(value, bool) or not any(t in (int, float) for t in options):
+        return value
+    if float in options and isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"config key {where}: expected a number, got {value!r}") from None
+    if int in options and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if int in options and not isinstance(value, int) and str not in options:
+        raise ValueError(f"config key {where}: expected an integer, got {value!r}")
+    return value
+
+
+def _build(cls, data: Any, where: str):
+    """A dataclass from a dict, recursively; unknown keys raise `ValueError`."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {where or 'root'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; allowed in {where or 'root'}: {sorted(fields)}")
+    hints = get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            value = _build(kind, value, f"{where}{name}.")
+        elif name == "betas" and value is not None:
+            value = tuple(float(v) for v in value)
+        else:
+            value = _coerce(kind, value, f"{where}{name}")
+        values[name] = value
+    return cls(**values)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["train.max_steps=10", "data.pack=true"]` -> `[("train.max_steps", 10), ("data.pack", True)]` (YAML values)."""
+    parsed = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. train.max_steps=100)")
+        parsed.append((key.strip(), yaml.safe_load(value)))
+    return parsed
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _resolve_source_paths(source: dict | None) -> None:
+    """Source paths relative to the working directory -> absolute (hub names stay as written)."""
+    if not source:
+        return
+    for member in source.get("sources", []):
+        _resolve_source_paths(member)
+    for key in ("path", "image_root", "cache_dir"):
+        if source.get(key) and (source.get("type") != "hf" or os.path.exists(source[key])):
+            source[key] = _absolute(source[key])
+    shards = source.get("shards")
+    if shards is not None:
+        source["shards"] = [_absolute(s) for s in shards] if isinstance(shards, list) else _absolute(shards)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `key=value` overrides, resolve paths and validate."""
+    data: dict = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    config = _build(Config, data, "")
+    config.run_dir = _absolute(config.run_dir)
+    config.model.path = _absolute(config.model.path)  # a local checkpoint folder (from_pretrained)
+    _resolve_source_paths(config.data.train)
+    _resolve_source_paths(config.data.eval)
+    if config.eval.data_dir is not None:
+        config.eval.data_dir = _absolute(config.eval.data_dir)
+    config.validate()
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    data = dataclasses.asdict(config)
+    data["optim"]["betas"] = list(config.optim.betas)
+    return data
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+__all__ = ["MODULES", "Config", "config_to_dict", "load_config", "parse_overrides", "save_config"]

@@ -1,0 +1,82 @@
+"""Final export in Hugging Face format, with the processor and its chat template next to the weights.
+
+* Full / partial fine-tune: `run_dir/final` (or `export.dir`), loadable with `AutoModelForImageTextToText` and
+  `AutoProcessor` after `import finevit_vl`.
+* LoRA / QLoRA (`lora.export`): `adapter` writes a PEFT adapter folder `run_dir/adapter` (LoRA weights plus the
+  fully trained modules, e.g. the projector, as `modules_to_save`, and the processor), loadable with
+  `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter_dir)`; `merged` writes the
+  merged model to `run_dir/final`. A quantized base is never merged in 4-bit: the base is reloaded in full
+  precision from its path, the adapter applied and merged.
+
+Folders are written to a temporary name and renamed when complete.
+"""
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _tmp(final: Path) -> Path:
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
+    """Base checkpoint + PEFT adapter -> merged HF checkpoint (with the adapter folder's processor)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import finevit_vl  # noqa: F401  (registers the Auto classes)
+
+    base = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    final = Path(out_dir)
+    tmp = _tmp(final)
+    merged.save_pretrained(tmp)
+    AutoProcessor.from_pretrained(adapter_dir).save_pretrained(tmp)
+    _replace(tmp, final)
+    return str(final)
+
+
+def export_model(trainer, out_dir: str | None) -> dict[str, str]:
+    """Write the final model (collective: every rank calls it). Returns `{"model": dir, "adapter": dir}` on every rank."""
+    accelerator, config = trainer.accelerator, trainer.config
+    final = Path(out_dir) if out_dir else Path(config.run_dir) / "final"
+    adapter = Path(config.run_dir) / "adapter"
+    written: dict[str, str] = {}
+    if not config.lora.enabled or config.lora.export in ("merged", "both"):
+        written["model"] = str(final)
+    if config.lora.enabled and config.lora.export in ("adapter", "both"):
+        written["adapter"] = str(adapter)
+    state_dict = accelerator.get_state_dict(trainer.model)  # gathers ZeRO-3 / FSDP shards on the main process
+    unwrapped = accelerator.unwrap_model(trainer.model)
+    if accelerator.is_main_process:
+        target = adapter if config.lora.enabled else final
+        tmp = _tmp(target)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        trainer.processor.save_pretrained(tmp)
+        _replace(tmp, target)
+        if config.lora.enabled and "model" in written:
+            dtype = torch.float32 if config.model.quantization else unwrapped.base_model.model.dtype
+            merge_adapter(trainer.base_path, str(adapter), str(final), dtype)
+        if config.lora.enabled and "adapter" not in written:
+            shutil.rmtree(adapter)
+        for kind, path in written.items():
+            logger.info("exported %s to %s", kind, path)
+    accelerator.wait_for_everyone()
+    return written
+
+
+__all__ = ["export_model", "merge_adapter"]

@@ -1,0 +1,68 @@
+"""Which modules train in a stage: one visible, logged decision (prismatic's `freeze_backbones`).
+
+Parameters belong to one of three modules, by the standard attribute names: `vision_tower`, `multi_modal_projector`
+and `language_model` (which also owns `lm_head`). PEFT-wrapped names (`base_model.model...`, `lora_A`,
+`modules_to_save`) map the same way, so the report and the per-module learning rates work for LoRA runs too.
+
+The encoder's attention-pooling head (`vision_tower.head`, used by contrastive Stage II) is not part of the VL
+forward and is always frozen: a trainable parameter without gradients breaks DDP and wastes optimizer state.
+"""
+
+from torch import nn
+
+from .config import MODULES, ModulesConfig
+
+
+def module_of(parameter_name: str) -> str:
+    """`"model.language_model.layers.0.mlp.up_proj.weight"` -> `"language_model"`."""
+    parts = parameter_name.split(".")
+    for module in MODULES:
+        if module in parts:
+            return module
+    if "lm_head" in parts:
+        return "language_model"
+    raise ValueError(f"parameter {parameter_name!r} belongs to none of {MODULES} (or lm_head)")
+
+
+def unused_in_vl(parameter_name: str) -> bool:
+    """True for parameters the FineViT-VL forward never touches (the encoder's pooling head)."""
+    parts = parameter_name.split(".")
+    return "vision_tower" in parts and "head" in parts[parts.index("vision_tower"):]
+
+
+def is_peft_original(parameter_name: str) -> bool:
+    """PEFT keeps the untouched original of every `modules_to_save` module next to its trained copy; it is not run."""
+    return "original_module" in parameter_name.split(".")
+
+
+def apply_freeze(model: nn.Module, modules: ModulesConfig | None = None) -> None:
+    """Set `requires_grad` of every parameter from its module's `train` flag (`None`: keep it, e.g. after PEFT
+    wrapping); parameters unused by the VL forward are frozen either way."""
+    for name, parameter in model.named_parameters():
+        if unused_in_vl(name):
+            parameter.requires_grad_(False)
+        elif modules is not None:
+            parameter.requires_grad_(getattr(modules, module_of(name)).train)
+
+
+def trainable_report(model: nn.Module) -> dict[str, dict[str, int]]:
+    """`{module: {"trainable": n, "total": n}}` in parameters (4-bit weights count their packed storage)."""
+    report = {module: {"trainable": 0, "total": 0} for module in MODULES}
+    for name, parameter in model.named_parameters():
+        if is_peft_original(name):
+            continue
+        entry = report[module_of(name)]
+        entry["total"] += parameter.numel()
+        entry["trainable"] += parameter.numel() if parameter.requires_grad else 0
+    return report
+
+
+def format_report(report: dict[str, dict[str, int]]) -> str:
+    lines = []
+    for module, counts in report.items():
+        state = "frozen" if counts["trainable"] == 0 else ("trained" if counts["trainable"] == counts["total"] else "partly trained")
+        lines.append(f"  {module:<22} {state:<15} {counts['trainable']:>13,} / {counts['total']:,} parameters")
+    return "\n".join(lines)
+
+
+__all__ = ["apply_freeze", "format_report", "is_peft_original", "module_of", "trainable_report", "unused_in_vl"]

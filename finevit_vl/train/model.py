@@ -1,0 +1,146 @@
+"""Build the parts of a run: model + processor (tiny or from a checkpoint), the stage's pixel budget, 4-bit
+quantization, gradient checkpointing, and the trainable set (freeze policy or LoRA)."""
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import MODULES, Config
+
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Kept in full precision under 4/8-bit loading: the encoder, the projector and the head (pain point: quantized ViTs).
+QUANTIZATION_SKIP_MODULES = ["vision_tower", "multi_modal_projector", "lm_head"]
+
+
+def _corpus(config: Config) -> list[str]:
+    """Text of the first training records (captions, region texts, turns), to train a tiny tokenizer on."""
+    from ..data import build_source
+
+    texts: list[str] = []
+
+    def collect(value) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not key.startswith("_") and key not in ("id", "image", "meta"):
+                    collect(item)
+
+    for index, (record, _) in enumerate(build_source(config.data.train)):
+        if index >= config.model.tokenizer_corpus_records:
+            break
+        collect(record)
+    return texts
+
+
+def ensure_tiny_init(config: Config, accelerator) -> str:
+    """Build the tiny model once (main process) into `run_dir/init` and return that path; resumed runs reuse it."""
+    init_dir = Path(config.run_dir) / "init"
+    if accelerator.is_main_process and not (init_dir / "config.json").exists():
+        from ..tiny import build_tiny_model, build_tokenizer
+
+        tokenizer = build_tokenizer(_corpus(config), config.model.vocab_size)
+        model, processor = build_tiny_model(
+            text_model_type=config.model.text_model_type,
+            vision_preset=config.model.vision_preset,
+            tokenizer=tokenizer,
+            seed=config.seed,
+            text_overrides=config.model.text_overrides or None,
+        )
+        tmp_dir = init_dir.with_name("init.tmp")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        model.save_pretrained(tmp_dir)
+        processor.save_pretrained(tmp_dir)
+        tmp_dir.rename(init_dir)
+        logger.info("built a tiny model (%s + %s, vocab %d) into %s", config.model.vision_preset,
+                    config.model.text_model_type, len(tokenizer), init_dir)
+    accelerator.wait_for_everyone()
+    return str(init_dir)
+
+
+def quantization_config(config: Config):
+    if config.model.quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if config.model.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES)
+
+
+def load_model(config: Config, accelerator) -> tuple[nn.Module, object, str]:
+    """Model, processor and the path they were loaded from (the base for merging LoRA)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import finevit_vl  # noqa: F401  (registers the Auto classes)
+
+    path = config.model.path if config.model.path else ensure_tiny_init(config, accelerator)
+    if not (Path(path) / "config.json").exists():
+        raise ValueError(f"model.path {path!r} is not a checkpoint folder (no config.json); build one with `finevit-vl build`")
+    processor = AutoProcessor.from_pretrained(path)
+    image_processor = processor.image_processor
+    if config.data.max_pixels is not None:
+        image_processor.max_pixels = config.data.max_pixels
+    if config.data.min_pixels is not None:
+        image_processor.min_pixels = config.data.min_pixels
+    if image_processor.min_pixels > image_processor.max_pixels:
+        raise ValueError(f"data.min_pixels ({image_processor.min_pixels}) exceeds data.max_pixels ({image_processor.max_pixels})")
+    kwargs = {"dtype": DTYPES[config.model.dtype]}
+    if config.model.attn_implementation:
+        kwargs["attn_implementation"] = config.model.attn_implementation
+    quantization = quantization_config(config)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": accelerator.local_process_index}
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if quantization is not None and not torch.cuda.is_available():
+        # bitsandbytes 0.50 on CPU repacks 4-bit weights for AVX512-BF16 inference the first time a layer runs in eval
+        # mode; that layout has no autograd, so gradients would stop flowing after the first held-out evaluation.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model, processor, path
+
+
+def prepare_trainable(model: nn.Module, config: Config) -> nn.Module:
+    """Gradient checkpointing, then the trainable set: LoRA adapters (+ `modules_to_save`) or the freeze policy."""
+    from .freeze import apply_freeze
+
+    if config.model.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is enabled below, non-reentrant (the reentrant variant loses gradients of frozen inputs).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.model.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.config.use_cache = False
+    if not config.lora.enabled:
+        apply_freeze(model, config.modules)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    full = [name for name in MODULES if name != "language_model" and getattr(config.modules, name).train]
+    lora = LoraConfig(
+        r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules, modules_to_save=full or None,
+    )
+    model = get_peft_model(model, lora)
+    apply_freeze(model)  # modules_to_save copies the encoder's unused pooling head too
+    return model
+
+
+__all__ = ["QUANTIZATION_SKIP_MODULES", "ensure_tiny_init", "load_model", "prepare_trainable"]

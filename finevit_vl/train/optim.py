@@ -1,0 +1,54 @@
+"""AdamW with one learning rate per module, and a linear-warmup + cosine schedule."""
+
+import math
+
+import torch
+from torch import nn
+
+from .config import Config
+from .freeze import module_of
+
+
+def param_groups(model: nn.Module, config: Config) -> list[dict]:
+    """Trainable parameters grouped by (module, decay): each module gets its own `lr`; biases and norms no decay."""
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        module = module_of(name)
+        decay = parameter.ndim >= 2 and config.optim.weight_decay > 0
+        lr = getattr(config.modules, module).lr or config.optim.lr
+        group = groups.setdefault(
+            (module, decay),
+            {"params": [], "lr": lr, "weight_decay": config.optim.weight_decay if decay else 0.0, "name": f"{module}{'' if decay else '/no_decay'}"},
+        )
+        group["params"].append(parameter)
+    if not groups:
+        raise ValueError("no trainable parameters: check modules.*.train and lora settings")
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, config), betas=config.optim.betas, eps=config.optim.eps)
+
+
+def warmup_steps(config: Config) -> int:
+    if config.optim.warmup_steps is not None:
+        return config.optim.warmup_steps
+    return round(config.optim.warmup_ratio * config.train.max_steps)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the base lr after `step` optimizer steps: linear warmup, then cosine down to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup, total, min_ratio = warmup_steps(config), config.train.max_steps, config.optim.min_lr_ratio
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, min_ratio))
+
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups"]

@@ -1,0 +1,255 @@
+"""The training loop: token-weighted loss over each global batch, gradient accumulation, logging, evaluation,
+checkpoints and export. The parts (model, data, eval set) are built by `finevit_vl.train.__main__`.
+
+Loss. Every optimizer step minimises the mean next-token loss over all supervised tokens of its global batch: each
+micro-batch contributes `sum of token losses * world_size / global_targets`, and DDP / FSDP / ZeRO average the
+gradients over ranks. The result does not depend on how the global batch is split over ranks, micro-batches or
+packed rows.
+
+Sharded engines. All ranks run the same number of forwards per step (missing micro-batches are an unsupervised
+dummy row) and the vision tower runs in every forward (a zero-weighted dummy image when a micro-batch has none), so
+ZeRO-3 / FSDP collectives always line up. The bad-record limit is checked on the global count, so all ranks stop
+together.
+"""
+
+import contextlib
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.collator import filler_batch
+from ..data.packing import attention_inputs
+from .checkpoint import CheckpointManager
+from .config import Config
+from .data import Prefetcher, StepBatch, TrainStream
+from .evaluation import HeldOutLoss, run_eval_suite
+from .export import export_model
+from .loss import token_losses
+from .metrics import MetricsWriter, Throughput, module_param_counts, peak_flops_per_device
+from .optim import build_optimizer, build_scheduler
+
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Trainer:
+    def __init__(self, config: Config, accelerator, model, processor, base_path: str, stream: TrainStream,
+                 held_out: HeldOutLoss | None) -> None:
+        self.config = config
+        self.accelerator = accelerator
+        self.processor = processor
+        self.base_path = base_path
+        self.stream = stream
+        self.held_out = held_out
+        counts = module_param_counts(model)
+        self.vision_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n.split("."))
+        self.attn_implementation = model.config.get_text_config()._attn_implementation
+        self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model, config))
+        # Stepped by hand once per optimizer step: an Accelerate-prepared scheduler steps once per process.
+        self.scheduler = build_scheduler(getattr(self.optimizer, "optimizer", self.optimizer), config)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.mask_dtype = MIXED_PRECISION_DTYPES.get(accelerator.mixed_precision, self.vision_dtype)
+        self.checkpoints = CheckpointManager(accelerator, config.run_dir, config.train.keep_last)
+        self.metrics = MetricsWriter(accelerator, config.run_dir)
+        self.filler = filler_batch(processor.tokenizer.pad_token_id, processor.image_processor)
+        peak = peak_flops_per_device(config.logging.peak_tflops, self.mask_dtype)
+        self.throughput = Throughput(counts, peak, accelerator.num_processes)
+        self.merge_unit = processor.image_processor.merge_size**2
+        self.step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------ forward
+
+    def token_losses(self, batch: dict) -> torch.Tensor:
+        """Forward one micro-batch; per-token next-token losses `(rows, len - 1)` in fp32."""
+        device = self.accelerator.device
+        inputs = attention_inputs(batch["segment_ids"], batch["position_ids"], self.attn_implementation, self.mask_dtype)
+        weight = batch.get("image_token_weight")
+        outputs = self.model(
+            input_ids=batch["input_ids"].to(device),
+            pixel_values=batch["pixel_values"].to(device, self.vision_dtype),
+            image_grid_thw=batch["image_grid_thw"].to(device),
+            image_token_weight=None if weight is None else weight.to(device),
+            use_cache=False,
+            **{key: value.to(device) for key, value in inputs.items()},
+        )
+        return token_losses(outputs.logits, batch["labels"].to(device))
+
+    def train_step(self, batch: StepBatch) -> dict:
+        accelerator = self.accelerator
+        local = torch.tensor(
+            [batch.num_targets, batch.num_tokens, batch.num_slots, batch.num_images, batch.num_patches,
+             batch.num_samples, batch.state["bad_records"]], dtype=torch.float64, device=accelerator.device,
+        )
+        totals = accelerator.reduce(local, reduction="sum").tolist()
+        targets, bad_records = max(totals[0], 1.0), int(totals[6])
+        if bad_records > self.config.data.max_bad_records:
+            raise RuntimeError(
+                f"{bad_records} bad records skipped so far (data.max_bad_records={self.config.data.max_bad_records}); "
+                f"see {self.config.run_dir}/bad_records.jsonl for the locations and reasons"
+            )
+        num_micro = int(accelerator.reduce(torch.tensor(len(batch.micro_batches), device=accelerator.device), reduction="max"))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for index in range(num_micro):
+            micro = batch.micro_batches[index] if index < len(batch.micro_batches) else self.filler
+            last = index == num_micro - 1
+            accelerator.sync_gradients = last  # DeepSpeed: the accumulation boundary; others: optimizer.step gate
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
+                micro_sum = self.token_losses(micro).sum()
+                accelerator.backward(micro_sum * (accelerator.num_processes / targets))
+            loss_sum += micro_sum.detach().double()
+        grad_norm = None
+        if self.config.optim.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(accelerator.reduce(loss_sum, reduction="sum")) / targets
+        return {
+            "loss": loss,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "targets": int(totals[0]),
+            "tokens": int(totals[1]),
+            "slots": int(totals[2]),
+            "images": int(totals[3]),
+            "patches": int(totals[4]),
+            "samples": int(totals[5]),
+            "bad_records": bad_records,
+        }
+
+    # ------------------------------------------------------------------ state
+
+    def resume(self) -> None:
+        resume = self.config.train.resume
+        if resume in (False, None, "false", "none"):
+            return
+        path = self.checkpoints.latest() if resume in (True, "auto") else resume
+        if path is None:
+            return
+        trainer_state, data_state = self.checkpoints.load(path)
+        self.step = trainer_state["step"]
+        self.samples_seen = trainer_state["samples_seen"]
+        self.tokens_seen = trainer_state["tokens_seen"]
+        self.stream.load_state_dict(data_state)
+
+    def save_checkpoint(self, data_state: dict) -> None:
+        state = {"samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
+        self.checkpoints.save(self.step, state, data_state)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> None:
+        if self.held_out is not None:
+            values = self.held_out(self)
+            self.metrics.log(values, self.step)
+            logger.info("step %d: eval_loss %.4f over %d tokens", self.step, values["eval_loss"], values["eval_targets"])
+
+    def evaluate_suite(self, exported: str | None = None) -> None:
+        """lmms-eval tasks on every rank: the training model, or the `exported` folder at the end.
+
+        Sharded weights (FSDP / ZeRO) are only evaluated once exported.
+        """
+        config, accelerator = self.config, self.accelerator
+        if not config.eval.tasks:
+            return
+        if exported is None and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            logger.warning("skipping lmms-eval at step %d: weights are sharded; it runs on the exported model", self.step)
+            return
+        model = exported or accelerator.unwrap_model(self.model)
+        model_args = {"accelerator": accelerator} if accelerator.num_processes > 1 else None
+        if exported is None:
+            model.eval()
+        results = run_eval_suite(model, None if exported else self.processor, config.eval.tasks,
+                                 f"{config.run_dir}/eval/step-{self.step:08d}", config.eval.limit, config.eval.data_dir,
+                                 config.eval.batch_size, model_args)
+        if exported is None:
+            model.train()
+        if results:
+            flat = {f"{task}/{metric}": value for task, metrics in results.items() if isinstance(metrics, dict)
+                    for metric, value in metrics.items() if isinstance(value, (int, float))}
+            self.metrics.log({"lmms_eval": results, **flat}, self.step)
+        accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        """Train to `train.max_steps` (or `train.stop_after_steps` more steps); returns what was exported."""
+        config, accelerator = self.config, self.accelerator
+        self.resume()
+        start_step = self.step
+        if self.step == 0:
+            self.evaluate()
+        stop_at = config.train.max_steps
+        if config.train.stop_after_steps is not None:
+            stop_at = min(stop_at, start_step + config.train.stop_after_steps)
+        self.model.train()
+        prefetcher = Prefetcher(self.stream, config.data.prefetch_steps, stop_at - self.step)
+        progress = tqdm(total=config.train.max_steps, initial=self.step, disable=not accelerator.is_main_process,
+                        desc="train", dynamic_ncols=True)
+        window_losses: list[float] = []
+        try:
+            while self.step < stop_at:
+                started = time.perf_counter()
+                batch = prefetcher.next()
+                fetched = time.perf_counter()
+                values = self.train_step(batch)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                done = time.perf_counter()
+                self.step += 1
+                self.samples_seen += values["samples"]
+                self.tokens_seen += values["tokens"]
+                window_losses.append(values["loss"])
+                self.throughput.add(values["tokens"], values["slots"], values["images"], values["patches"],
+                                    values["samples"], self.merge_unit, fetched - started, done - fetched)
+                if self.step % config.train.log_every == 0 or self.step == stop_at:
+                    self._log(values, window_losses, progress)
+                    window_losses = []
+                progress.update(1)
+                if config.eval.every and self.step % config.eval.every == 0 and self.step < config.train.max_steps:
+                    self.evaluate()
+                if config.eval.tasks_every and self.step % config.eval.tasks_every == 0 and self.step < config.train.max_steps:
+                    self.evaluate_suite()
+                if self.step % config.train.checkpoint_every == 0 or self.step == stop_at:
+                    self.save_checkpoint(batch.state)
+        finally:
+            prefetcher.close()
+            progress.close()
+        if self.step < config.train.max_steps:
+            logger.info("stopped at step %d of %d (train.stop_after_steps); resume with the same command", self.step,
+                        config.train.max_steps)
+            return {}
+        self.evaluate()
+        written = export_model(self, config.export.dir) if config.export.enabled else {}
+        if written.get("model"):
+            self.evaluate_suite(written["model"])
+        return written
+
+    def _log(self, values: dict, window_losses: list[float], progress) -> None:
+        summary = self.throughput.summary()
+        self.throughput.reset()
+        lrs = {f"lr/{group['name']}": group["lr"] for group in getattr(self.optimizer, "optimizer", self.optimizer).param_groups}
+        record = {
+            "loss": values["loss"],
+            "loss_avg": sum(window_losses) / len(window_losses),
+            "grad_norm": values["grad_norm"],
+            **lrs,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "bad_records": values["bad_records"],
+            **summary,
+        }
+        self.metrics.log(record, self.step)
+        postfix = {"loss": f"{values['loss']:.4f}", "lr": f"{next(iter(lrs.values())):.2e}",
+                   "tok/s": f"{summary['tokens_per_s']:.0f}", "img/s": f"{summary['images_per_s']:.1f}"}
+        if "mfu" in summary:
+            postfix["mfu"] = f"{summary['mfu']:.1%}"
+        progress.set_postfix(postfix, refresh=False)
+
+
+__all__ = ["Trainer"]

@@ -1,0 +1,75 @@
+"""Training config: YAML + key=value overrides, strict keys, the shipped configs (`finevit_vl.train.config`)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finevit_vl.train.config import load_config, save_config
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "train_configs"
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_overrides_are_yaml_typed_and_dotted(tmp_path):
+    config = load_config(CONFIG_DIR / "tiny_cpu_stage3.yaml", [
+        "train.max_steps=7", "data.pack=false", "modules.vision_tower.lr=1e-5", f"run_dir={tmp_path}/run",
+        "eval.tasks=[a, b]",
+    ])
+    assert config.train.max_steps == 7 and config.data.pack is False
+    assert config.modules.vision_tower.lr == 1e-5 and config.eval.tasks == ["a", "b"]
+    assert config.run_dir == str(tmp_path / "run")
+    assert Path(config.data.train["path"]).is_absolute()  # stored absolute: the run folder reproduces the run
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(CONFIG_DIR / "tiny_cpu_sft.yaml", ["train.max_steps=3"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_stpes=3", r"unknown config key.*train\.max_stpes"),
+    ("model.path=/x", "exactly one of model.init"),
+    ("model.quantization=4bit", "needs lora.enabled"),
+    ("lora.export=zip", "lora.export"),
+    ("trainmax_steps", "not key=value"),
+])
+def test_mistakes_raise_actionable_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIG_DIR / "tiny_cpu_stage3.yaml", [override])
+
+
+def test_freezing_everything_is_refused():
+    frozen = [f"modules.{m}.train=false" for m in ("vision_tower", "multi_modal_projector", "language_model")]
+    with pytest.raises(ValueError, match="nothing to train"):
+        load_config(CONFIG_DIR / "tiny_cpu_stage3.yaml", frozen)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_training_configs_load(path):
+    config = load_config(path)
+    assert config.train.global_batch_size % config.train.micro_batch_size == 0 or config.data.pack
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    paths = sorted((CONFIG_DIR / "accelerate").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"ddp", "ddp_multinode", "fsdp2", "fsdp2_multinode", "deepspeed_zero2",
+                                        "deepspeed_zero3", "deepspeed_zero3_multinode", "cpu_2proc"}
+    for path in paths:
+        cluster = load_config_from_file(str(path))
+        assert cluster.num_processes >= 2, path
+        raw = yaml.safe_load(path.read_text())
+        if raw["distributed_type"] == "FSDP":
+            # Wrap units come from the model's _no_split_modules (FineViTBlock + the decoder layer).
+            assert raw["fsdp_config"]["fsdp_version"] == 2 and "fsdp_transformer_layer_cls_to_wrap" not in raw["fsdp_config"]
+
+
+def test_package_data_symlink_points_at_the_configs():
+    import finevit_vl
+
+    linked = Path(finevit_vl.__file__).parent / "train_configs"
+    assert linked.resolve() == CONFIG_DIR.resolve()
