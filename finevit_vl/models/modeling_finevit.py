@@ -45,9 +45,9 @@ class FineViTRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # `F.rms_norm` is one fused kernel that normalises in fp32 whatever the input dtype (bf16 sums of squares lose
-        # too much precision at width 1536) and rounds once to the input dtype: bitwise equal to the unfused
-        # `x.float() * rsqrt(mean(x.float()**2) + eps)` followed by `.to(dtype)`, without the fp32 copy of `x`.
+        # `F.rms_norm` normalises in fp32 whatever the input dtype (bf16 sums of squares lose too much precision at
+        # width 1536) and rounds once to the input dtype: bitwise equal to `x.float() * rsqrt(mean(x.float()**2) +
+        # eps)` then `.to(dtype)`, in one call (a fused kernel where torch has one).
         normed = F.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=self.variance_epsilon)
         return self.weight * normed
 
@@ -92,14 +92,15 @@ class FineViTRotaryEmbedding(nn.Module):
         return 1.0 / (self.theta ** (torch.arange(0, self.axis_dim, 2, dtype=torch.float32) / self.axis_dim))
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`position_ids` `(num_patches, 2)` of (row, col) -> `cos, sin` of shape `(num_patches, 1, 1, head_dim/2)`, fp32.
+        """`position_ids` `(num_patches, 2)` of (row, col) -> `cos, sin`, each `(num_patches, 1, 1, head_dim)`, fp32.
 
-        Both halves of a head share these angles (RoPE pairs channel `i` with `i + head_dim/2`), so only one half is
-        returned; the singleton dims broadcast over (query/key, heads)."""
+        `sin` carries the sign of `rotate_half` (`[-sin, sin]`), so applying RoPE is `x * cos + swap_halves(x) * sin`;
+        the singleton dims broadcast over (query/key, heads)."""
         # Angles are computed in fp32 whatever the model dtype: bf16 cannot represent row*freq precisely.
         freqs = position_ids.to(torch.float32)[:, :, None] * self.inv_freq.to(position_ids.device)[None, None, :]
         freqs = freqs.flatten(1)[:, None, None, :]  # (N, 2, head_dim/4) -> (N, 1, 1, head_dim/2): [rows..., cols...]
-        return freqs.cos(), freqs.sin()
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def get_vision_position_ids(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
@@ -136,25 +137,21 @@ def is_flash_attention_requested(config: FineViTConfig) -> bool:
 
 
 def apply_rotary_pos_emb_vision(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries and keys together: `x * cos + rotate_half(x) * sin` with `rotate_half(x) = [-x2, x1]`.
+    """Rotate queries and keys together: `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = [-x2, x1]` written
+    as `[x2, x1] * [-sin, sin]` (the sign lives in `sin`, see [`FineViTRotaryEmbedding`]).
 
     Args:
         query_key (`torch.Tensor` of shape `(N, 2, heads, head_dim)`): queries and keys (a view into the qkv output).
-        cos, sin (`torch.Tensor` of shape `(N, 1, 1, head_dim/2)`): fp32 angles from [`FineViTRotaryEmbedding`].
+        cos, sin (`torch.Tensor` of shape `(N, 1, 1, head_dim)`): fp32, from [`FineViTRotaryEmbedding`].
 
     Returns:
-        `torch.Tensor` of shape `(N, 2, heads, head_dim)` in the input dtype. The rotation runs in fp32 and is rounded
-        once, and each half is computed from the halves of `x`, so no rotated copy of `x` is built.
+        `torch.Tensor` of shape `(N, 2, heads, head_dim)`, in the dtype of `query_key`: the angles and their cos/sin
+        are exact fp32 values rounded once to that dtype, and a bf16 model rotates in bf16 (an fp32 round trip of
+        q and k in every layer costs more than the rest of the rotation; see `benchmarks/BENCHMARKS.md`).
     """
-    x1, x2 = query_key.float().chunk(2, dim=-1)
-    if torch.is_grad_enabled() and query_key.requires_grad:
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(query_key.dtype)
-    # Inference: write both halves straight into the output (`out=` has no autograd), skipping the concatenation.
-    rotated = torch.empty(query_key.shape, dtype=query_key.dtype, device=query_key.device)
-    first, second = rotated.chunk(2, dim=-1)
-    torch.sub(x1 * cos, x2 * sin, out=first)
-    torch.add(x2 * cos, x1 * sin, out=second)
-    return rotated
+    cos, sin = cos.to(query_key.dtype), sin.to(query_key.dtype)
+    x1, x2 = query_key.chunk(2, dim=-1)
+    return query_key * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 def eager_attention_forward(
@@ -213,9 +210,11 @@ class FineViTAttention(nn.Module):
     ) -> torch.Tensor:
         seq_length = hidden_states.shape[0]
         # (N, 3*D) -> (N, 3, heads, head_dim); queries and keys are rotated in one pass, values stay a view.
-        qkv = self.qkv(hidden_states).view(seq_length, 3, self.num_heads, self.head_dim)
-        query, key = apply_rotary_pos_emb_vision(qkv[:, :2], *position_embeddings).unbind(1)
-        value = qkv[:, 2]
+        # `split`/`unbind`, not indexing: their backward is one concatenation, where the backward of every slice would
+        # zero-fill a gradient the size of the whole input.
+        query_key, value = self.qkv(hidden_states).view(seq_length, 3, self.num_heads, self.head_dim).split([2, 1], 1)
+        query, key = apply_rotary_pos_emb_vision(query_key, *position_embeddings).unbind(1)
+        value = value.squeeze(1)
         dropout = self.attention_dropout if self.training else 0.0
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -235,20 +234,15 @@ class FineViTAttention(nn.Module):
             # which is exact (no mask) and much faster than a per-image loop for uniform batches.
             if attention_interface is sdpa_attention_forward:
                 attention_interface = self._sdpa_forward
+            sizes = [length * count for length, count in segment_runs]
             outputs = []
-            start = 0
-            for length, count in segment_runs:
-                end = start + length * count
+            for (length, count), *run in zip(segment_runs, query.split(sizes), key.split(sizes), value.split(sizes)):
                 # (count*L, heads, hd) -> (count, heads, L, hd)
-                q, k, v = (
-                    t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)
-                    for t in (query, key, value)
-                )
+                q, k, v = (t.view(count, length, self.num_heads, self.head_dim).transpose(1, 2) for t in run)
                 out, _ = attention_interface(
                     self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=dropout, is_causal=False, **kwargs
                 )
                 outputs.append(out.reshape(length * count, -1))  # (count, L, heads, hd) -> (count*L, D)
-                start = end
             attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
         return self.proj(attn_output)
 
@@ -299,13 +293,12 @@ class FineViTAttentionPoolingHead(nn.Module):
         """`(total_patches, D)` -> `(num_images, D)`."""
         query = self.q_proj(self.probe).view(1, self.num_heads, 1, self.head_dim)
         key, value = self.kv_proj(hidden_states).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
-        pooled, start = [], 0
-        for length, count in segment_runs:
-            end = start + length * count
-            k, v = (t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (key, value))
+        sizes = [length * count for length, count in segment_runs]
+        pooled = []
+        for (length, count), *run in zip(segment_runs, key.split(sizes), value.split(sizes)):
+            k, v = (t.view(count, length, self.num_heads, self.head_dim).transpose(1, 2) for t in run)
             out = F.scaled_dot_product_attention(query.expand(count, -1, -1, -1).to(k.dtype), k, v)
             pooled.append(out.reshape(count, -1))  # (count, heads, 1, hd) -> (count, D)
-            start = end
         return self.norm(self.o_proj(torch.cat(pooled, dim=0)))
 
 
