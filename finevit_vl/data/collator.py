@@ -18,6 +18,7 @@ attend to each other. A micro-batch without any image gets a tiny zero-weighted 
 sharded engine (ZeRO-3 / FSDP) runs the vision tower on every step.
 """
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -76,7 +77,7 @@ class SampleEncoder:
         max_length (`int`): longest accepted sequence after image expansion; longer samples raise `BadRecordError`.
         box_format (`str`): box text convention (`"int1000"` or `"norm1"`), see `finevit_vl.boxes`.
         max_regions (`int`, *optional*): cap on regions / OCR items rendered per record.
-        shuffle_turns (`bool`): shuffle the Q/A turns of a record, seeded by `seed`, the pass and the location.
+        shuffle_turns (`bool`): shuffle the Q/A turns of a record, seeded by `seed`, the pass and the record id.
         seed (`int`): seed of that shuffle.
     """
 
@@ -168,7 +169,10 @@ class SampleEncoder:
         """Open, validate, render and tokenize one record; every problem raises `BadRecordError` naming `location`."""
         images = load_record_images(record, location)
         where = record_location(record, location)
-        rng = random.Random(f"{self.seed}:{epoch}:{location}") if self.shuffle_turns else None
+        # Seeded by the record's id (else its file name and line), never by the absolute path: the same data in
+        # another folder must give the same samples.
+        key = record.get("id") or os.path.basename(location)
+        rng = random.Random(f"{self.seed}:{epoch}:{key}") if self.shuffle_turns else None
         try:
             messages = record_to_messages(
                 record, record.get("width", 1), record.get("height", 1), self.box_format, rng, self.max_regions
