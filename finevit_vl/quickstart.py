@@ -36,7 +36,7 @@ class DemoSize:
     eval_per_task: int = 50
     position_frequencies: int = 8
     stage3_lr: float = 2e-3
-    sft_lr: float = 4e-3
+    sft_lr: float = 5e-4
     micro_batch_size: int = 4
 
 
@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", choices=list(SFT_WEIGHTS), default=list(SFT_WEIGHTS),
                         help="task families to generate, train and evaluate (default: all five)")
     parser.add_argument("--keep", action="store_true", help="reuse the data of an earlier run in --out")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
+                        help="extra trainer override for both stages, or one (`sft:optim.lr=1e-3`); repeatable")
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     out = Path(args.out).resolve()
@@ -320,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             # The encoder trains in both stages, slowly during SFT: unfreezing it is what helps local tasks (paper),
             # and here it is what lets counting emerge within minutes.
             "modules.vision_tower.train=true", f"modules.vision_tower.lr={lr / 2 if stage == 'stage3' else lr / 12}",
-        ]
+        ] + [o.split(":", 1)[1] if o.startswith(("stage3:", "sft:")) else o for o in args.overrides
+             if not o.startswith(("stage3:", "sft:")) or o.startswith(f"{stage}:")]
         _run(_train_command(configs / config_name, overrides), out / f"{stage}.log", env)
         metrics_path = run_dir / "metrics.jsonl"
         evals = [json.loads(l)["eval_loss"] for l in metrics_path.read_text().splitlines() if "eval_loss" in json.loads(l)]

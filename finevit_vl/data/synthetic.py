@@ -3,8 +3,11 @@
 Five task families, each image drawn on a plain light background at native resolution (sides are multiples of 28
 between 0.75x and 1.25x ``--image-size``, with wide charts and tall documents):
 
-* ``counting``: 1..``--max-count`` (default 6) copies of ONE shape (circle / square / triangle) in ONE color, in
-  distinct cells of a 3x3 grid (so they never touch), each 55-85% of a cell. No distractors: the count is the only
+* ``counting``: 1..``--max-count`` (default 6) copies of ONE shape (circle / square / triangle) in ONE color on a
+  square canvas (``--image-size`` rounded to 28 px) tiled by 28 px cells, one object of 16-22 px inside each chosen
+  cell (so they never touch). A 28 px cell is exactly one projector token (2x2 patches of 14 px), so every object
+  lands in one image token and the count is the number of tokens holding an object: learnable by a tiny model in
+  CPU minutes, where objects straddling tokens are not. No distractors: the count is the only
   thing to learn.
 * ``grounding``: 2-4 objects with distinct (color, shape) pairs in distinct cells of a 2x2 grid, 60-90% of a cell.
   Colors or shapes may repeat across objects, so "the red circle" needs both attributes.
@@ -216,15 +219,22 @@ def _scaled(size: int, settings: Settings) -> int:
 # ---------------------------------------------------------------- task families
 
 
+COUNTING_CELL = 28  # px: one projector token (2x2 merge of 14 px patches)
+
+
 def make_counting(rng: random.Random, settings: Settings) -> Scene:
-    width, height = _canvas_size(rng, settings.image_size)
-    image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
+    cells_per_side = max(3, round(settings.image_size / COUNTING_CELL))
+    side = cells_per_side * COUNTING_CELL
+    image = Image.new("RGB", (side, side), rng.choice(BACKGROUNDS))
     count = rng.randint(1, settings.max_count)
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    boxes = [
-        _draw_shape(image, shape, COLORS[color], box)
-        for box in _grid_boxes(rng, width, height, 3, count, (0.55, 0.85))
-    ]
+    boxes = []
+    for cell in rng.sample(range(cells_per_side**2), count):
+        row, col = divmod(cell, cells_per_side)
+        size = rng.randint(16, 22)
+        x = col * COUNTING_CELL + rng.randint(2, COUNTING_CELL - size - 2)
+        y = row * COUNTING_CELL + rng.randint(2, COUNTING_CELL - size - 2)
+        boxes.append(_draw_shape(image, shape, COLORS[color], [x, y, x + size, y + size]))
     name = f"{color} {shape}s"
     noun = shape if count == 1 else f"{shape}s"
     return Scene(
@@ -562,7 +572,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     if not 112 <= args.image_size <= 2048:
         parser.error(f"--image-size {args.image_size}: choose 112-2048 pixels")
     if not 1 <= args.max_count <= 9:
-        parser.error(f"--max-count {args.max_count}: choose 1-9 (the objects are laid out on a 3x3 grid)")
+        parser.error(f"--max-count {args.max_count}: choose 1-9 (the smallest canvas has 3x3 cells)")
     return args
 
 
