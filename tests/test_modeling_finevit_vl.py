@@ -130,9 +130,17 @@ def test_beam_search_and_sampling_run(tiny_qwen3, images):
     assert beams.shape[0] == 1 and sampled.shape[0] == 1
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_tied_and_untied_embeddings_save_and_load(tokenizer, tmp_path, images, tie):
-    model, processor = build_tiny_model("qwen3", tokenizer=tokenizer, tie_word_embeddings=tie)
+GPT2_TINY = dict(n_embd=64, n_layer=2, n_head=2, n_positions=512)
+
+
+@pytest.mark.parametrize(
+    "llm, overrides, tie",
+    [("qwen3", None, True), ("qwen3", None, False), ("gpt2", GPT2_TINY, True)],  # gpt2 names its embedding `wte`
+)
+def test_tied_and_untied_embeddings_save_and_load(tokenizer, tmp_path, images, llm, overrides, tie):
+    model, processor = build_tiny_model(llm, tokenizer=tokenizer, tie_word_embeddings=tie, text_overrides=overrides)
+    model.eval()
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) is tie
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:

@@ -311,6 +311,10 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
         super().__init__(config)
         self.model = FineViTVLModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # Tie to the LLM's own input embedding, whatever that LLM calls it (`embed_tokens`, `wte`, ...).
+        embeddings = self.model.language_model.get_input_embeddings()
+        name = next(n for n, module in self.model.language_model.named_modules() if module is embeddings)
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{name}.weight"}
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:
