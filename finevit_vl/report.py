@@ -26,6 +26,10 @@ SYNTHETIC_TASKS: dict[str, tuple[str, str]] = {
     "finevit_docvqa_val": ("docvqa/validation.parquet", "anls"),
 }
 CENTRED_BOX = "[250, 250, 750, 750]"  # the fixed-box baseline, in our int 0-1000 convention
+# Also tried as fixed boxes: each quadrant (the grounding images lay objects out on a 2x2 grid, so a quadrant box is
+# the strongest constant answer there).
+FIXED_BOXES = {"centred box": CENTRED_BOX, "top-left box": "[0, 0, 500, 500]", "top-right box": "[500, 0, 1000, 500]",
+               "bottom-left box": "[0, 500, 500, 1000]", "bottom-right box": "[500, 500, 1000, 1000]"}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -41,7 +45,8 @@ def _image(row: dict) -> Image.Image:
 
 
 def baseline_scores(eval_dir: str | Path) -> dict[str, dict[str, float | str]]:
-    """Best trivial baseline per task among: the majority answer, a fixed centred box (grounding), the empty string.
+    """Best trivial baseline per task among: the majority answer, fixed boxes (grounding: centred, each quadrant), the
+    empty string.
 
     The majority answer is taken from the eval answers themselves, which favours the baseline (an upper bound on any
     constant answer). Returns `{task: {"score": value, "baseline": description}}`.
@@ -61,12 +66,12 @@ def baseline_scores(eval_dir: str | Path) -> dict[str, dict[str, float | str]]:
         elif task == "finevit_refcoco_bbox_rec_val":
             # Every referring sentence is one document, as in the lmms-eval task.
             docs = [(r, sentence) for r in rows for sentence in r["answer"]]
-            scores = []
+            truths = []
             for row, _ in docs:
                 image = _image(row)
-                gt = metrics.xywh_to_normalized(row["bbox"], image.width, image.height)
-                scores.append(metrics.rec_scores(CENTRED_BOX, gt)["acc"])
-            candidates[f"centred box {CENTRED_BOX}"] = sum(scores) / len(scores)
+                truths.append(metrics.xywh_to_normalized(row["bbox"], image.width, image.height))
+            for name, box in FIXED_BOXES.items():
+                candidates[f"{name} {box}"] = sum(metrics.rec_scores(box, gt)["acc"] for gt in truths) / len(truths)
         elif task == "finevit_ocrbench":
             majority = Counter(r["answer"][0] for r in rows).most_common(1)[0][0]
             for name, answer in (("majority", majority), ("empty", "")):

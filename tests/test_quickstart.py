@@ -80,3 +80,32 @@ def test_samples_do_not_depend_on_where_the_data_lives(tmp_path, tiny_qwen3):
     # ... and the shuffle is live: another seed renders some record differently.
     other = SampleEncoder(tiny_processor, max_length=2048, max_regions=2, seed=1)
     assert first != [other.encode_record(r, loc, epoch=1).input_ids.tolist() for r, loc in JsonlSource(tmp_path / "a" / "stage3" / "train.jsonl")]
+
+
+def test_grounding_baseline_is_the_best_fixed_box(tmp_path):
+    """The trivial grounding baseline tries the centred box and every quadrant (objects sit on a 2x2 grid, so a
+    quadrant is the strongest constant answer) and keeps the best, so a model must beat the layout prior."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from finevit_vl.data.synthetic import main as make_data
+    from finevit_vl.eval import metrics
+    from finevit_vl.report import FIXED_BOXES, baseline_scores
+
+    make_data(["--out", str(tmp_path), "--seed", "3", "--train-per-task", "1", "--eval-per-task", "40",
+               "--image-size", "112", "--tasks", "grounding", "counting"])
+    rows = pq.read_table(tmp_path / "eval" / "refcoco" / "val.parquet").to_pylist()
+    per_box = {}
+    for name, box in FIXED_BOXES.items():
+        hits = 0
+        for row in rows:
+            width, height = Image.open(io.BytesIO(row["image"]["bytes"])).size
+            hits += metrics.rec_scores(box, metrics.xywh_to_normalized(row["bbox"], width, height))["acc"]
+        per_box[name] = hits / len(rows)
+    baselines = baseline_scores(tmp_path / "eval")
+    grounding = baselines["finevit_refcoco_bbox_rec_val"]
+    assert grounding["score"] == max(per_box.values()) and per_box["centred box"] < grounding["score"]
+    assert grounding["baseline"].startswith(max(per_box, key=per_box.get))
+    numbers = [row["number"] for row in pq.read_table(tmp_path / "eval" / "countbench" / "test.parquet").to_pylist()]
+    assert baselines["finevit_countbench"]["score"] == max(numbers.count(n) for n in set(numbers)) / len(numbers)

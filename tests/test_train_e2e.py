@@ -122,6 +122,8 @@ def test_stage3_lowers_heldout_loss_and_exports_an_hf_model(stage3_run):
     model = AutoModelForImageTextToText.from_pretrained(stage3_run / "final")
     processor = AutoProcessor.from_pretrained(stage3_run / "final")
     assert "generation" in processor.chat_template and model.config.model_type == "finevit_vl"
+    card = (stage3_run / "final" / "README.md").read_text()  # the export writes a model card with the recipe
+    assert "pipeline_tag: image-text-to-text" in card and "steps x" in card and "stage3/train.jsonl" in card
 
 
 def test_sft_from_the_stage3_export_lowers_heldout_loss(stage3_run, data, tmp_path):
@@ -206,6 +208,7 @@ def _check_adapter_export(run_dir: Path, base: Path) -> dict:
     merged = reloaded.merge_and_unload()
     final = AutoModelForImageTextToText.from_pretrained(run_dir / "final")
     torch.testing.assert_close(_logits(final, processor), _logits(merged, processor), rtol=0, atol=1e-5)
+    assert "LoRA r=" in (run_dir / "final" / "README.md").read_text()
     original = AutoModelForImageTextToText.from_pretrained(base)
     assert not torch.equal(final.model.multi_modal_projector.linear_1.weight,
                            original.model.multi_modal_projector.linear_1.weight)

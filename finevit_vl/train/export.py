@@ -50,6 +50,18 @@ def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: torch.d
     return str(final)
 
 
+def training_summary(config) -> str:
+    """One paragraph for the model card: what was trained, on what, for how long."""
+    modules = ", ".join(
+        f"{name} (lr {module.lr or config.optim.lr:g})" for name in ("vision_tower", "multi_modal_projector", "language_model")
+        if (module := getattr(config.modules, name)).train
+    )
+    lora = f"; LoRA r={config.lora.r} on the language model" if config.lora.enabled else ""
+    return (f"`finevit-vl train` run `{config.run_dir}`: {config.train.max_steps} steps x {config.train.global_batch_size} "
+            f"samples, trained modules: {modules}{lora}. Training data: `{config.data.train}`; boxes as "
+            f"`{config.data.box_format}`; pixel budget {config.data.max_pixels or 'the processor default'}.")
+
+
 def export_model(trainer, out_dir: str | None) -> dict[str, str]:
     """Write the final model (collective: every rank calls it). Returns `{"model": dir, "adapter": dir}` on every rank."""
     accelerator, config = trainer.accelerator, trainer.config
@@ -73,6 +85,12 @@ def export_model(trainer, out_dir: str | None) -> dict[str, str]:
             merge_adapter(trainer.base_path, str(adapter), str(final), dtype)
         if config.lora.enabled and "adapter" not in written:
             shutil.rmtree(adapter)
+        if "model" in written:  # PEFT writes its own card into adapter folders
+            from ..model_card import write_model_card
+
+            model = unwrapped.base_model.model if config.lora.enabled else unwrapped
+            write_model_card(model, final, f"FineViT-VL ({Path(config.run_dir).name})",
+                             "A FineViT-VL checkpoint exported by the FineViT-VL trainer.", training_summary(config))
         for kind, path in written.items():
             logger.info("exported %s to %s", kind, path)
     accelerator.wait_for_everyone()
