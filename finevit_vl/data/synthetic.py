@@ -9,8 +9,9 @@ between 0.75x and 1.25x ``--image-size``, with wide charts and tall documents):
   lands in one image token and the count is the number of tokens holding an object: learnable by a tiny model in
   CPU minutes, where objects straddling tokens are not. No distractors: the count is the only
   thing to learn.
-* ``grounding``: 2-4 objects with distinct (color, shape) pairs in distinct cells of a 2x2 grid, 60-90% of a cell.
-  Colors or shapes may repeat across objects, so "the red circle" needs both attributes.
+* ``grounding``: 2-4 objects of distinct colors (shapes may repeat), one near the centre of each chosen quadrant of a
+  square canvas (quadrants a whole number of 28 px tokens wide), 70-90% of the quadrant.
+  The expression names color and shape ("the red circle"); the color alone identifies the object.
 * ``ocr``: one lowercase word (48-word vocabulary) or a 2-5 digit number, in a dark color, 16-30 px at 224 px.
 * ``chart``: a bar chart of 3-5 bars labelled with distinct capital letters; every bar carries its integer value
   (5-99, all distinct) above it, so a question is answered by reading.
@@ -197,21 +198,6 @@ def _text_size(text: str, size: int) -> tuple[int, int]:
     return right - left, bottom - top
 
 
-def _grid_boxes(
-    rng: random.Random, width: int, height: int, grid: int, count: int, fill: tuple[float, float]
-) -> list[Box]:
-    """``count`` square boxes in distinct cells of a ``grid x grid`` layout, each ``fill`` of the cell's short side."""
-    cell_w, cell_h = width // grid, height // grid
-    boxes = []
-    for cell in rng.sample(range(grid * grid), count):
-        row, col = divmod(cell, grid)
-        side = int(min(cell_w, cell_h) * rng.uniform(*fill))
-        x = col * cell_w + rng.randint(0, cell_w - side)
-        y = row * cell_h + rng.randint(0, cell_h - side)
-        boxes.append([x, y, x + side, y + side])
-    return boxes
-
-
 def _scaled(size: int, settings: Settings) -> int:
     return max(8, round(size * settings.image_size / 224))
 
@@ -219,12 +205,12 @@ def _scaled(size: int, settings: Settings) -> int:
 # ---------------------------------------------------------------- task families
 
 
-COUNTING_CELL = 28  # px: one projector token (2x2 merge of 14 px patches)
+TOKEN_CELL = 28  # px: one projector token (2x2 merge of 14 px patches)
 
 
 def make_counting(rng: random.Random, settings: Settings) -> Scene:
-    cells_per_side = max(3, round(settings.image_size / COUNTING_CELL))
-    side = cells_per_side * COUNTING_CELL
+    cells_per_side = max(3, round(settings.image_size / TOKEN_CELL))
+    side = cells_per_side * TOKEN_CELL
     image = Image.new("RGB", (side, side), rng.choice(BACKGROUNDS))
     count = rng.randint(1, settings.max_count)
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
@@ -232,8 +218,8 @@ def make_counting(rng: random.Random, settings: Settings) -> Scene:
     for cell in rng.sample(range(cells_per_side**2), count):
         row, col = divmod(cell, cells_per_side)
         size = rng.randint(16, 22)
-        x = col * COUNTING_CELL + rng.randint(2, COUNTING_CELL - size - 2)
-        y = row * COUNTING_CELL + rng.randint(2, COUNTING_CELL - size - 2)
+        x = col * TOKEN_CELL + rng.randint(2, TOKEN_CELL - size - 2)
+        y = row * TOKEN_CELL + rng.randint(2, TOKEN_CELL - size - 2)
         boxes.append(_draw_shape(image, shape, COLORS[color], [x, y, x + size, y + size]))
     name = f"{color} {shape}s"
     noun = shape if count == 1 else f"{shape}s"
@@ -259,10 +245,20 @@ def make_counting(rng: random.Random, settings: Settings) -> Scene:
 
 
 def make_grounding(rng: random.Random, settings: Settings) -> Scene:
-    width, height = _canvas_size(rng, settings.image_size)
-    image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
-    kinds = rng.sample([(color, shape) for color in COLORS for shape in SHAPES], rng.randint(2, 4))
-    cells = _grid_boxes(rng, width, height, 2, len(kinds), (0.6, 0.9))
+    # Square canvas of 2x2 quadrants, each a whole number of projector tokens wide; one object near the centre of
+    # each chosen quadrant (70-90% of it, a few px off centre), so finding the object meant is the whole question.
+    quadrant = max(1, round(settings.image_size / TOKEN_CELL / 2)) * TOKEN_CELL
+    image = Image.new("RGB", (2 * quadrant, 2 * quadrant), rng.choice(BACKGROUNDS))
+    # Distinct colors (shapes may repeat): a tiny model learns to find a color within minutes, not a color-shape pair.
+    kinds = [(color, rng.choice(SHAPES)) for color in rng.sample(list(COLORS), rng.randint(2, 4))]
+    cells = []
+    for cell in rng.sample(range(4), len(kinds)):
+        row, col = divmod(cell, 2)
+        size = int(quadrant * rng.uniform(0.7, 0.9))
+        slack = quadrant - size
+        x = col * quadrant + slack // 2 + rng.randint(-(slack // 4), slack // 4)
+        y = row * quadrant + slack // 2 + rng.randint(-(slack // 4), slack // 4)
+        cells.append([x, y, x + size, y + size])
     boxes = [_draw_shape(image, shape, COLORS[color], box) for (color, shape), box in zip(kinds, cells)]
     expressions = [f"the {color} {shape}" for color, shape in kinds]
     target = rng.randrange(len(kinds))
