@@ -111,15 +111,18 @@ def _corpus(jsonl_paths: list[Path], limit: int = 4000) -> list[str]:
     return texts
 
 
-def split_by_family(jsonl: Path) -> dict[str, Path]:
-    """`sft/train.jsonl` -> `sft/train_<family>.jsonl` (make-data ids are `<split>-<family>-<index>-<kind>`), next to
-    it so the relative image paths still resolve."""
-    lines: dict[str, list[str]] = {}
+def _lines_by_family(jsonl: Path) -> dict[str, list[str]]:
+    """The lines of a make-data JSONL grouped by task family (ids are `<split>-<family>-<index>-<kind>`)."""
+    groups: dict[str, list[str]] = {}
     for line in jsonl.read_text().splitlines():
-        family = json.loads(line)["id"].split("-")[1]
-        lines.setdefault(family, []).append(line)
+        groups.setdefault(json.loads(line)["id"].split("-")[1], []).append(line)
+    return groups
+
+
+def split_by_family(jsonl: Path) -> dict[str, Path]:
+    """`sft/train.jsonl` -> `sft/train_<family>.jsonl`, next to it so the relative image paths still resolve."""
     paths = {}
-    for family, family_lines in lines.items():
+    for family, family_lines in _lines_by_family(jsonl).items():
         paths[family] = jsonl.with_name(f"{jsonl.stem}_{family}.jsonl")
         paths[family].write_text("\n".join(family_lines) + "\n")
     return paths
@@ -128,9 +131,7 @@ def split_by_family(jsonl: Path) -> dict[str, Path]:
 def interleave_by_family(jsonl: Path) -> Path:
     """`eval.jsonl` (grouped by family) -> `eval_interleaved.jsonl`, families in turn, so the held-out subset the
     trainer scores (`eval.max_samples`) covers every family."""
-    groups: dict[str, list[str]] = {}
-    for line in jsonl.read_text().splitlines():
-        groups.setdefault(json.loads(line)["id"].split("-")[1], []).append(line)
+    groups = _lines_by_family(jsonl)
     longest = max(len(lines) for lines in groups.values())
     lines = [group[i] for i in range(longest) for group in groups.values() if i < len(group)]
     path = jsonl.with_name(f"{jsonl.stem}_interleaved.jsonl")
