@@ -13,8 +13,10 @@ between 0.75x and 1.25x ``--image-size``, with wide charts and tall documents):
   square canvas (quadrants a whole number of 28 px tokens wide), 70-90% of the quadrant.
   The expression names color and shape ("the red circle"); the color alone identifies the object.
 * ``ocr``: one lowercase word (48-word vocabulary) or a 2-5 digit number, in a dark color, 16-30 px at 224 px.
-* ``chart``: a bar chart of 3-5 bars labelled with distinct capital letters; every bar carries its integer value
-  (5-99, all distinct) above it, so a question is answered by reading.
+* ``chart``: a bar chart of 3-5 bars labelled with distinct capital letters, in consecutive slots of five 28 px token
+  columns (the width does not tell the count); every bar
+  carries its integer value (5-99, all distinct) above it. Questions: how many bars (40%, answered by looking), which
+  bar is highest (20%) and the value of a bar (40%), both answered by reading.
 * ``document``: a small form: a title (INVOICE / RECEIPT / ORDER) and 3-4 "Key: value" lines drawn from invoice
   number, date, total and customer.
 
@@ -50,8 +52,9 @@ record of the same eval image in ``sft/eval.jsonl``:
 * ocr: ``prompts.short_answer("What is the word in the image?")`` (or ``"What is the number in the image?"``) ->
   ``"apple"``. ocrbench ``question`` = the bare question; question_type "Regular Text Recognition" or "Digit String
   Recognition". The ocrbench task must append ``prompts.SHORT_ANSWER`` like docvqa / chartqa.
-* chart: ``prompts.short_answer("What is the value of B?")`` -> ``"42"`` (type "augmented_test") or
-  ``prompts.short_answer("Which bar has the highest value?")`` -> ``"B"`` (type "human_test"). chartqa ``question``
+* chart: ``prompts.short_answer("What is the value of B?")`` -> ``"42"`` (type "augmented_test"),
+  ``prompts.short_answer("Which bar has the highest value?")`` -> ``"B"`` or ``prompts.short_answer("How many bars
+  are there?")`` -> ``"4"`` (type "human_test"). chartqa ``question``
   = the bare question.
 * document: ``prompts.short_answer("What is the total?")`` -> ``"56.20"`` (also "What is the invoice number?",
   "What is the date?", "What is the customer name?"). docvqa ``question`` = the bare question, ``answers`` = [value];
@@ -206,6 +209,7 @@ def _scaled(size: int, settings: Settings) -> int:
 
 
 TOKEN_CELL = 28  # px: one projector token (2x2 merge of 14 px patches)
+CHART_COLUMNS = 5  # bar slots per chart, one token column each
 
 
 def make_counting(rng: random.Random, settings: Settings) -> Scene:
@@ -313,21 +317,25 @@ def make_ocr(rng: random.Random, settings: Settings) -> Scene:
 
 
 def make_chart(rng: random.Random, settings: Settings) -> Scene:
-    width, height = _canvas_size(rng, settings.image_size, "wide")
-    image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
+    # Five columns of projector tokens (28 px each at 112 px); the 3-5 bars fill consecutive columns from a random one,
+    # so the number of bars is the number of columns holding bar color (the counting skill, which a tiny model learns
+    # fast) and not the image width.
     count = rng.randint(3, 5)
+    slot = TOKEN_CELL * max(1, round(settings.image_size / 112))
+    width, height = CHART_COLUMNS * slot, _canvas_size(rng, settings.image_size, "wide")[1]
+    first = rng.randint(0, CHART_COLUMNS - count)
+    image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
     labels = rng.sample(string.ascii_uppercase, count)
     values = rng.sample(range(5, 100), count)
     value_size, label_size = _scaled(12, settings), _scaled(14, settings)
-    margin, top, bottom = 8, value_size + 8, label_size + 10
+    top, bottom = value_size + 8, label_size + 10
     baseline = height - bottom
-    slot = (width - 2 * margin) // count
     bar_w = int(slot * 0.6)
-    ImageDraw.Draw(image).line([(margin, baseline), (width - margin, baseline)], fill=(120, 120, 120), width=1)
+    ImageDraw.Draw(image).line([(0, baseline), (width - 1, baseline)], fill=(120, 120, 120), width=1)
     color = COLORS[rng.choice(list(COLORS))]
     value_items, label_items = [], []
     for i, (label, value) in enumerate(zip(labels, values)):
-        x = margin + i * slot + (slot - bar_w) // 2
+        x = (first + i) * slot + (slot - bar_w) // 2
         bar_h = max(1, round((baseline - top - 4) * value / 100))
         ImageDraw.Draw(image).rectangle([x, baseline - bar_h, x + bar_w - 1, baseline - 1], fill=color)
         for text, size, y, items in (
@@ -338,7 +346,10 @@ def make_chart(rng: random.Random, settings: Settings) -> Scene:
             items.append(
                 {"text": text, "box": _draw_text(image, text, (x + (bar_w - text_w) // 2, y), size, (0, 0, 0))}
             )
-    if rng.random() < 0.3:
+    kind_draw = rng.random()
+    if kind_draw < 0.4:
+        question, answer, kind = "How many bars are there?", str(count), "human_test"
+    elif kind_draw < 0.6:
         question, answer, kind = "Which bar has the highest value?", labels[values.index(max(values))], "human_test"
     else:
         target = rng.randrange(count)
