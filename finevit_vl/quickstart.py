@@ -73,7 +73,7 @@ SIZES: dict[str, DemoSize] = {
 GLOBAL_BATCH = 16
 STAGE3_SHARE = 0.4  # of the training minutes; the rest is instruction tuning
 # Instruction-tuning mixture over the generator's task families: grounding and counting need the most samples.
-SFT_WEIGHTS = {"counting": 0.3, "grounding": 0.3, "ocr": 0.05, "chart": 0.25, "document": 0.1}
+SFT_WEIGHTS = {"counting": 0.3, "grounding": 0.4, "ocr": 0.03, "chart": 0.2, "document": 0.07}
 DEMO_TASKS = ["finevit_countbench", "finevit_refcoco_bbox_rec_val", "finevit_ocrbench", "finevit_chartqa", "finevit_docvqa_val"]
 
 
