@@ -5,7 +5,8 @@
    on the data, with the image token and ChatML template), random-initialised;
 3. Stage III alignment, then instruction tuning, with the real trainer through `accelerate launch`;
 4. evaluate the final model with the project's lmms-eval tasks on the held-out splits (local data in the benchmark
-   schemas), next to trivial baselines (majority answer, fixed boxes: centred and each quadrant, the empty string);
+   schemas), next to trivial baselines (majority answer, a blind answer per question, fixed boxes: centred and each
+   quadrant, the empty string);
 5. write the run folder: HF checkpoint + filled model card, `report.md`, loss curves and a prediction grid (PNG).
 
 Step counts are fixed per `--minutes` (calibrated on a 2-core CPU) rather than timed, so two runs with the same seed
