@@ -213,3 +213,33 @@ def test_cli_dispatch_prints_a_summary(tmp_path, capsys):
     assert "sft/train.jsonl" in summary and "stage3/train.jsonl" in summary
     assert len((tmp_path / "sft/train.jsonl").read_text().splitlines()) == 2
     assert not (tmp_path / "eval").exists()  # no eval images, no benchmark files
+
+
+def test_chart_bars_sit_one_per_token_column_and_the_width_does_not_give_the_count():
+    """Bar counting is learnable because each bar lies inside one 28 px token column; the canvas is always five columns
+    wide, so the count must be read from the bars, not from the number of image tokens."""
+    import random
+
+    from finevit_vl.data.synthetic import CHART_COLUMNS, TOKEN_CELL, Settings, make_chart
+
+    widths, counts, asked = set(), set(), 0
+    for index in range(40):
+        scene = make_chart(random.Random(f"chart:{index}"), Settings(image_size=112, max_count=6))
+        pixels = np.asarray(scene.image).astype(int)
+        background = pixels[0, 0]
+        count = len(scene.stage3[0]["ocr"]) // 2  # one value and one label per bar
+        # Bar color: the most common non-background color.
+        colors, freq = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+        ranked = [tuple(c) for c in colors[np.argsort(-freq)] if tuple(c) != tuple(background)]
+        bar = np.all(pixels == ranked[0], axis=-1)
+        columns = [bar[:, c * TOKEN_CELL : (c + 1) * TOKEN_CELL].any() for c in range(CHART_COLUMNS)]
+        # Every bar's pixels stay inside its column: no column boundary has bar color on both sides of it.
+        for c in range(1, CHART_COLUMNS):
+            assert not (bar[:, c * TOKEN_CELL - 1] & bar[:, c * TOKEN_CELL]).any(), index
+        assert sum(columns) == count, index
+        if scene.prompt.startswith("How many bars"):
+            assert scene.answer == str(count)
+            asked += 1
+        widths.add(scene.image.width)
+        counts.add(count)
+    assert widths == {CHART_COLUMNS * TOKEN_CELL} and counts == {3, 4, 5} and 5 < asked < 30
