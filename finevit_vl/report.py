@@ -44,13 +44,6 @@ def _image(row: dict) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def _best_constant(rows: list[dict], answers: list[str], score: Callable[[str, dict], float]) -> tuple[str, float]:
-    """The answer among `answers` with the highest mean `score` over `rows`, and that mean."""
-    totals = {answer: sum(score(answer, row) for row in rows) for answer in dict.fromkeys(answers)}
-    best = max(totals, key=totals.get)
-    return best, totals[best] / len(rows)
-
-
 def _text_baselines(rows: list[dict], answer_of: Callable[[dict], str], score: Callable[[str, dict], float]) -> dict[str, float]:
     """Constant answers for a question-answering task: the majority answer, the empty string, and a blind answer per
     question: the best constant for each distinct question (a model that ignores the image learns each question's
@@ -67,10 +60,14 @@ def _text_baselines(rows: list[dict], answer_of: Callable[[dict], str], score: C
         by_question.setdefault(row["question"], []).append(row)
     hits = 0.0
     for group in by_question.values():
+        answers = [answer_of(r) for r in group]
+        # Score every distinct answer of the group on every row once; leaving row i out subtracts its column.
+        table = {answer: [score(answer, r) for r in group] for answer in dict.fromkeys(answers)}
+        totals = {answer: sum(scores) for answer, scores in table.items()}
         for index, row in enumerate(group):
-            others = group[:index] + group[index + 1 :]
-            answer = _best_constant(others, [answer_of(r) for r in others], score)[0] if others else majority
-            hits += score(answer, row)
+            others = dict.fromkeys(answers[:index] + answers[index + 1 :])
+            answer = max(others, key=lambda a: totals[a] - table[a][index]) if others else majority
+            hits += table[answer][index] if others else score(answer, row)
     candidates[f"blind: best answer per question ({len(by_question)} questions, leave-one-out)"] = hits / len(rows)
     return candidates
 

@@ -14,8 +14,8 @@ between 0.75x and 1.25x ``--image-size``, with wide charts and tall documents):
   The expression names color and shape ("the red circle"); the color alone identifies the object.
 * ``ocr``: one lowercase word (48-word vocabulary) or a 2-5 digit number, in a dark color, 16-30 px at 224 px.
 * ``chart``: a bar chart of 3-5 bars labelled with distinct capital letters, in consecutive slots of five 28 px token
-  columns (the width does not tell the count); every bar
-  carries its integer value (5-99, all distinct) above it. Questions: how many bars (40%, answered by looking), which
+  columns (the width does not tell the count); every bar carries its integer value (5-99, all distinct) above it.
+  Questions: how many bars (40%, answered by looking), which
   bar is highest (20%) and the value of a bar (40%), both answered by reading.
 * ``document``: a small form: a title (INVOICE / RECEIPT / ORDER) and 3-4 "Key: value" lines drawn from invoice
   number, date, total and customer.
