@@ -243,3 +243,27 @@ def test_chart_bars_sit_one_per_token_column_and_the_width_does_not_give_the_cou
         widths.add(scene.image.width)
         counts.add(count)
     assert widths == {CHART_COLUMNS * TOKEN_CELL} and counts == {3, 4, 5} and 5 < asked < 30
+
+
+def test_ocr_glyphs_sit_one_per_token_cell_left_aligned():
+    """Word recognition is learnable because each glyph lies inside its own 28 px token cell, from the left edge of a
+    strip of constant width: the answer's i-th character is drawn in the image's i-th token and nowhere else."""
+    import random
+
+    from finevit_vl.data.synthetic import OCR_CELLS, TOKEN_CELL, Settings, make_ocr
+
+    lengths, numbers = set(), 0
+    for index in range(40):
+        scene = make_ocr(random.Random(f"ocr:{index}"), Settings(image_size=112))
+        pixels = np.asarray(scene.image).astype(int)
+        ink = np.abs(pixels - pixels[0, 0]).sum(axis=-1) > 0
+        assert scene.image.size == (OCR_CELLS * TOKEN_CELL, TOKEN_CELL), index
+        inked = [bool(ink[:, c * TOKEN_CELL : (c + 1) * TOKEN_CELL].any()) for c in range(OCR_CELLS)]
+        assert inked == [c < len(scene.answer) for c in range(OCR_CELLS)], (index, scene.answer)
+        for c in range(1, OCR_CELLS):  # no glyph crosses a cell boundary
+            assert not (ink[:, c * TOKEN_CELL - 1] & ink[:, c * TOKEN_CELL]).any(), (index, scene.answer)
+        x1, y1, x2, y2 = scene.stage3[0]["ocr"][0]["box"]
+        assert _tight_box(ink) == [x1, y1, x2, y2], index
+        lengths.add(len(scene.answer))
+        numbers += scene.answer.isdigit()
+    assert len(lengths) >= 4 and 3 < numbers < 25
