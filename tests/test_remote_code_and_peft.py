@@ -98,6 +98,12 @@ def test_lora_trains_saves_reloads_and_merges(tiny_checkpoint, tmp_path, images)
     final = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(final(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
+    # The model card of a merged export counts the merged model, not the LoRA layers attached while training.
+    from finevit_vl.model_card import count_parameters
+
+    total = sum(p.numel() for p in final.parameters())
+    assert count_parameters(peft_model.base_model.model) == total == count_parameters(final)
+    assert sum(p.numel() for p in peft_model.base_model.model.parameters()) > total
 
 
 @pytest.mark.parametrize("bits", [4, 8])
