@@ -46,7 +46,7 @@ def validate_box(box: Sequence[float], width: int, height: int, where: str = "bo
 def _scale(value: float, size: int, box_format: str) -> str:
     rel = min(max(value / size, 0.0), 1.0)
     if box_format == "int1000":
-        return str(int(round(rel * 1000)))
+        return str(round(rel * 1000))
     return f"{round(rel, 3):g}" if rel not in (0.0, 1.0) else f"{rel:.1f}"
 
 

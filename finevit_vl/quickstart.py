@@ -45,16 +45,16 @@ class DemoSize:
 SIZES: dict[str, DemoSize] = {
     "tiny": DemoSize(
         vision_preset="finevit-tiny",
-        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32),
+        text={"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 32},
         image_size=112,
         stage3_samples_per_minute=900,
         sft_samples_per_minute=3000,
     ),
     "small": DemoSize(
         vision_preset="finevit-small",
-        text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=32),
+        text={"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "head_dim": 32},
         image_size=168,
         stage3_samples_per_minute=150,
         sft_samples_per_minute=500,
@@ -63,8 +63,8 @@ SIZES: dict[str, DemoSize] = {
     ),
     "base": DemoSize(
         vision_preset="finevit-base",
-        text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64),
+        text={"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "head_dim": 64},
         image_size=224,
         stage3_samples_per_minute=30,
         sft_samples_per_minute=100,
@@ -258,9 +258,9 @@ def write_report(out: Path, rows: list[dict], timings: dict[str, float], stages:
     lines = [
         "# FineViT-VL quickstart report",
         "",
-        f"`finevit-vl quickstart --size {size_name} --minutes {args.minutes:g} --seed {args.seed}` on "
+        (f"`finevit-vl quickstart --size {size_name} --minutes {args.minutes:g} --seed {args.seed}` on "
         f"{os.cpu_count()} CPU cores: a {n_params:.2f}M-parameter FineViT-VL trained from random initialisation on "
-        "the synthetic fine-grained data, then scored by lmms-eval on held-out data in the benchmark schemas.",
+        "the synthetic fine-grained data, then scored by lmms-eval on held-out data in the benchmark schemas."),
         "",
         "## Results (held-out synthetic splits, lmms-eval)",
         "",
@@ -280,8 +280,8 @@ def write_report(out: Path, rows: list[dict], timings: dict[str, float], stages:
     lines += [f"| {phase} | {seconds:.0f} |" for phase, seconds in timings.items()]
     lines += ["", "## Predictions on held-out images", "",
               "Green box: ground truth; red box: the model's answer (grounding).", "", "![predictions](predictions.png)",
-              "", "## Files", "", "- `model/`: the HF checkpoint (`AutoModelForImageTextToText` / `AutoProcessor`) "
-              "with its model card", "- `stage3/`, `sft/`: training runs (resolved config, metrics.jsonl, logs)",
+              "", "## Files", "", ("- `model/`: the HF checkpoint (`AutoModelForImageTextToText` / `AutoProcessor`) "
+              "with its model card"), "- `stage3/`, `sft/`: training runs (resolved config, metrics.jsonl, logs)",
               "- `eval/`: lmms-eval results (`results.json`, `results.md`)", "- `data/`: the generated data", ""]
     report = "\n".join(lines)
     (out / "report.md").write_text(report)

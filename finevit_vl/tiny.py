@@ -12,7 +12,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from . import prompts
-from .models import FineViTConfig, FineViTImageProcessor, FineViTVLConfig, FineViTVLForConditionalGeneration, FineViTVLProcessor
+from .models import (
+    FineViTConfig,
+    FineViTImageProcessor,
+    FineViTVLConfig,
+    FineViTVLForConditionalGeneration,
+    FineViTVLProcessor,
+)
 from .models.chat_templates import CHAT_FORMATS, build_chat_template, chat_format_for
 from .models.processing_finevit_vl import DEFAULT_IMAGE_TOKEN
 
@@ -23,10 +29,10 @@ TINY_SPECIAL_TOKENS: list[str] = ["<|endoftext|>", DEFAULT_IMAGE_TOKEN] + sorted
 )
 
 TINY_TEXT_CONFIGS: dict[str, dict] = {
-    "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rope_theta=10000.0),
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rope_theta=10000.0),
+    "qwen3": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    "llama": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096, "rope_theta": 10000.0},
 }
 
 _DEFAULT_CORPUS = [

@@ -13,8 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-import finevit_vl  # noqa: E402  (registers the Auto classes)
-from finevit_vl.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from finevit_vl.tiny import build_tiny_model, build_tokenizer  # importing the package registers the Auto classes
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:

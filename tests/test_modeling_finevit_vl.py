@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import random_image
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 import finevit_vl
 from finevit_vl import FineViTVLForConditionalGeneration
 from finevit_vl.tiny import build_tiny_model
-
-from conftest import random_image
 
 
 def _prompt(processor, question: str, n_images: int = 1) -> str:
@@ -130,7 +129,7 @@ def test_beam_search_and_sampling_run(tiny_qwen3, images):
     assert beams.shape[0] == 1 and sampled.shape[0] == 1
 
 
-GPT2_TINY = dict(n_embd=64, n_layer=2, n_head=2, n_positions=512)
+GPT2_TINY = {"n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 512}
 
 
 @pytest.mark.parametrize(
@@ -144,7 +143,7 @@ def test_tied_and_untied_embeddings_save_and_load(tokenizer, tmp_path, images, l
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
-        assert ("lm_head.weight" in f.keys()) is (not tie)
+        assert ("lm_head.weight" in f.keys()) is (not tie)  # noqa: SIM118 (safe_open has no __contains__)
     reloaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert (reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()) is tie

@@ -5,12 +5,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
 from PIL import Image
 
 from finevit_vl import FineViTImageProcessor
 from finevit_vl.models.image_processing_finevit import smart_resize, to_rgb_image
-
-from conftest import random_image
 
 
 @pytest.mark.parametrize("size", [(100, 150), (28, 28), (3000, 20), (1000, 1000), (5, 7), (2000, 3000)])

@@ -140,7 +140,7 @@ def test_blind_baseline_learns_answer_formats_per_question_without_memorising():
 
     dates = [{"question": "What is the date?", "answers": [f"2024-03-1{d}"]} for d in range(4)]
     names = [{"question": "Who?", "answers": [name]} for name in ("Ada", "Ada", "Bo", "Cy")]
-    anls = lambda answer, row: metrics.anls(answer, row["answers"])  # noqa: E731
+    anls = lambda answer, row: metrics.anls(answer, row["answers"])
     candidates = _text_baselines(dates + names, lambda r: r["answers"][0], anls)
     blind = next(value for name, value in candidates.items() if name.startswith("blind"))
     # each date is one character from the others (ANLS 0.9); "Ada" answers both Adas, not Bo or Cy

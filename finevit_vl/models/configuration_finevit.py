@@ -9,11 +9,11 @@ from transformers.configuration_utils import PreTrainedConfig
 # Named presets. `finevit-0.86b` follows the paper (28 layers, width 1536, gated MLP 4608, 16 heads of 96);
 # the tiny presets exist for tests, demos and benchmarks on CPU.
 FINEVIT_PRESETS: dict[str, dict] = {
-    "finevit-0.86b": dict(hidden_size=1536, intermediate_size=4608, num_hidden_layers=28, num_attention_heads=16),
-    "finevit-base": dict(hidden_size=768, intermediate_size=2304, num_hidden_layers=12, num_attention_heads=12),
-    "finevit-small": dict(hidden_size=384, intermediate_size=1152, num_hidden_layers=12, num_attention_heads=6),
-    "finevit-tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
-    "finevit-test": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    "finevit-0.86b": {"hidden_size": 1536, "intermediate_size": 4608, "num_hidden_layers": 28, "num_attention_heads": 16},
+    "finevit-base": {"hidden_size": 768, "intermediate_size": 2304, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "finevit-small": {"hidden_size": 384, "intermediate_size": 1152, "num_hidden_layers": 12, "num_attention_heads": 6},
+    "finevit-tiny": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "finevit-test": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
 }
 
 
