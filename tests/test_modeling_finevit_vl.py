@@ -106,6 +106,25 @@ def test_generate_uses_cache_and_encodes_images_once(tiny_qwen3, images):
     assert torch.equal(full[0, prompt_len - 1 : -1].argmax(-1), cached[0, prompt_len:])
 
 
+@pytest.mark.parametrize("cache_argument", ["past_key_values", "cache"])
+def test_kv_cache_is_taken_under_either_name(tiny_qwen3, images, cache_argument):
+    """transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: the forward takes both names, returns the
+    installed version's, and a cached step equals the full forward."""
+    from finevit_vl.models.modeling_finevit_vl import CACHE_NAME
+
+    model, processor = tiny_qwen3
+    inputs = processor(images=[images[0]], text=[_prompt(processor, "Describe.")])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        full = model(**inputs).logits
+        prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=inputs["pixel_values"],
+                       image_grid_thw=inputs["image_grid_thw"], use_cache=True)
+        cache = getattr(prefix, CACHE_NAME)
+        assert cache is not None and cache.get_seq_length() == ids.shape[1] - 1
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{cache_argument: cache})
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
+
+
 def test_batched_left_padded_generation_matches_one_by_one(tiny_qwen3, images):
     model, processor = tiny_qwen3
     prompts = [_prompt(processor, "How many?"), _prompt(processor, "Read all the text in the image, please, now.", 2)]

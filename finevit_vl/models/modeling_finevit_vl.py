@@ -10,7 +10,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.auto import AutoModel
 from transformers.utils import logging
@@ -33,21 +33,19 @@ class FineViTVLModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class FineViTVLCausalLMOutputWithPast(ModelOutput):
+class FineViTVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
-    loss (`torch.Tensor` of shape `(1,)`, *optional*): next-token loss on `labels` (-100 ignored).
-    logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
-    past_key_values (`Cache`, *optional*): the KV cache for generation.
-    hidden_states, attentions: as returned by the language model.
-    image_hidden_states (`torch.Tensor`, *optional*): projected image features.
+    image_hidden_states (`torch.Tensor` of shape `(num_image_tokens, text_hidden_size)`, *optional*):
+        Projected image features that replaced the image placeholder tokens.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor] | None = None
-    attentions: tuple[torch.Tensor] | None = None
     image_hidden_states: torch.Tensor | None = None
+
+
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (forward arguments, outputs, generate()). The
+# outputs above inherit the installed version's field; the forwards take either name and pass on that one, so saved
+# checkpoints' remote code runs on both sides of the rename.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def normalized_position_features(grid_thw: torch.Tensor, merge_size: int, num_frequencies: int) -> torch.Tensor:
@@ -132,7 +130,7 @@ class FineViTVLPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -235,6 +233,7 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
         image_grid_thw: torch.LongTensor | None = None,
         image_token_weight: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple | FineViTVLModelOutputWithPast:
         r"""
@@ -246,6 +245,8 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
                 result.
             mm_encoder_outputs (`dict`, *optional*): pre-computed `{"image": get_image_features(...)}` (used by
                 `generate()` to encode images once, before prefill).
+            past_key_values / cache (`Cache`, *optional*): the KV cache under either name (`cache` from transformers
+                5.24 on).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -272,13 +273,13 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            **{CACHE_NAME: cache if cache is not None else past_key_values},
             **kwargs,
         )
         return FineViTVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -353,6 +354,7 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple | FineViTVLCausalLMOutputWithPast:
         r"""
@@ -369,11 +371,11 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             image_grid_thw=image_grid_thw,
             image_token_weight=image_token_weight,
             mm_encoder_outputs=mm_encoder_outputs,
+            cache=cache if cache is not None else past_key_values,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -387,7 +389,7 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
         output = FineViTVLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
