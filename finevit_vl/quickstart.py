@@ -78,7 +78,21 @@ STAGE3_SHARE = 0.4  # of the training minutes; the rest is instruction tuning
 # before it clicks (OCR alone: 225 steps 0.17, 450 steps 0.99 accuracy), counting and bar counting far fewer;
 # grounding needs 800+ whatever the weight, so at the default budget it gets what is left.
 SFT_WEIGHTS = {"counting": 0.15, "grounding": 0.25, "ocr": 0.4, "chart": 0.15, "document": 0.05}
+# Counting, bar counting and word reading are learned within the default budget's SFT steps (chart values and document
+# fields at no budget tried), while grounding keeps improving with steps. So past twice the default budget's steps the
+# other families' sample counts stop growing and grounding takes every further step.
+SATURATED_SFT_STEPS = 1800
 DEMO_TASKS = ["finevit_countbench", "finevit_refcoco_bbox_rec_val", "finevit_ocrbench", "finevit_chartqa", "finevit_docvqa_val"]
+
+
+def sft_weights(families: list[str], sft_steps: int) -> dict[str, float]:
+    """Instruction-tuning mixture weights of `families` for a run of `sft_steps` optimizer steps."""
+    weights = {family: SFT_WEIGHTS[family] for family in families}
+    if "grounding" not in weights or len(weights) == 1 or sft_steps <= SATURATED_SFT_STEPS:
+        return weights
+    total = sum(weights.values())
+    others = {f: w / total * SATURATED_SFT_STEPS / sft_steps for f, w in weights.items() if f != "grounding"}
+    return {**others, "grounding": 1 - sum(others.values())}
 
 
 def _log(message: str) -> None:
@@ -254,7 +268,7 @@ def ocrbench_note(ocrbench: dict[str, float | None] | None) -> str:
 
 
 def write_report(out: Path, rows: list[dict], timings: dict[str, float], stages: dict[str, dict], args, size_name: str,
-                 n_params: float, ocrbench: dict[str, float | None] | None = None) -> str:
+                 n_params: float, ocrbench: dict[str, float | None] | None = None, mixture: str = "") -> str:
     lines = [
         "# FineViT-VL quickstart report",
         "",
@@ -276,6 +290,8 @@ def write_report(out: Path, rows: list[dict], timings: dict[str, float], stages:
     for stage, info in stages.items():
         lines.append(f"| {stage} | {info['steps']} | {info['samples']} | {info['eval_start']:.3f} -> {info['eval_end']:.3f} | "
                      f"{info['tokens_per_s']:.0f} | {info['images_per_s']:.1f} |")
+    if mixture:
+        lines += ["", f"Instruction-tuning mixture (share of samples): {mixture}."]
     lines += ["", "![loss curves](loss_curves.png)", "", "## Timings", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {phase} | {seconds:.0f} |" for phase, seconds in timings.items()]
     lines += ["", "## Predictions on held-out images", "",
@@ -334,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     stages = {}
     previous = init_dir
     families = split_by_family(data_dir / "sft" / "train.jsonl")
+    weights = sft_weights(args.families, sft_steps)
+    mixture = ", ".join(f"{family} {weight:.2f}" for family, weight in weights.items())
+    _log(f"instruction-tuning mixture: {mixture}")
     sft_mixture = json.dumps({"type": "mixture", "seed": args.seed,
                               "sources": [{"type": "jsonl", "path": str(families[f])} for f in args.families],
-                              "weights": [SFT_WEIGHTS[f] for f in args.families]})
+                              "weights": [weights[f] for f in args.families]})
     stage3_data = json.dumps({"type": "jsonl", "path": str(data_dir / "stage3" / "train.jsonl")})
     for stage, config_name, steps, lr, train_data in (
         ("stage3", "tiny_cpu_stage3.yaml", stage3_steps, size.stage3_lr, stage3_data),
@@ -398,14 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in final_model.parameters()) / 1e6
     training = (f"Stage III alignment ({stage3_steps} steps x {GLOBAL_BATCH} samples: global captions, box->caption, "
                 f"caption->box, OCR with boxes; encoder unfrozen), then instruction tuning ({sft_steps} steps x "
-                f"{GLOBAL_BATCH}: counting, grounding, OCR, chart and document Q/A), on data from `finevit-vl make-data "
-                f"--seed {args.seed}`; made by `finevit-vl quickstart --size {args.size} --minutes {args.minutes:g}`.")
+                f"{GLOBAL_BATCH}, mixture {mixture}), on data from `finevit-vl make-data --seed {args.seed}`; made by "
+                f"`finevit-vl quickstart --size {args.size} --minutes {args.minutes:g}`.")
     card = write_model_card(final_model, model_dir, "FineViT-VL quickstart model",
                             "A small FineViT-VL trained from scratch on CPU by the FineViT-VL quickstart, on synthetic "
                             "fine-grained data. A demonstration of the toolkit, not a useful model.", training)
     fill_model_card(str(card), results_markdown(scores))
     timings["report"] = time.perf_counter() - started
-    report = write_report(out, rows, timings, stages, args, args.size, n_params, scores.get("finevit_ocrbench"))
+    report = write_report(out, rows, timings, stages, args, args.size, n_params, scores.get("finevit_ocrbench"), mixture)
     (out / "results.json").write_text(json.dumps({"rows": rows, "scores": scores, "timings": timings}, indent=2))
 
     print()
@@ -414,4 +433,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["SIZES", "main"]
+__all__ = ["SIZES", "main", "sft_weights"]

@@ -150,3 +150,19 @@ def test_blind_baseline_learns_answer_formats_per_question_without_memorising():
     unique = [{"question": f"Q{i}?", "answers": [f"answer {i}"]} for i in range(5)]
     candidates = _text_baselines(unique, lambda r: r["answers"][0], anls)
     assert next(v for n, v in candidates.items() if n.startswith("blind")) == candidates["majority 'answer 0'"]
+
+
+def test_longer_budgets_give_their_extra_steps_to_grounding():
+    """Past SATURATED_SFT_STEPS the families learned within the default budget keep their sample counts and grounding,
+    the one that still improves with steps, takes the rest; the default budget's mixture is the measured one."""
+    from finevit_vl.quickstart import SATURATED_SFT_STEPS, SFT_WEIGHTS, sft_weights
+
+    families = list(SFT_WEIGHTS)
+    assert sft_weights(families, 900) == SFT_WEIGHTS
+    long_run = sft_weights(families, 2 * SATURATED_SFT_STEPS)
+    assert sum(long_run.values()) == pytest.approx(1.0)
+    for family in families:
+        if family != "grounding":  # same number of samples as at the saturation point
+            assert long_run[family] * 2 * SATURATED_SFT_STEPS == pytest.approx(SFT_WEIGHTS[family] * SATURATED_SFT_STEPS)
+    assert long_run["grounding"] == pytest.approx(1 - 0.75 / 2)
+    assert sft_weights(["ocr", "counting"], 10 * SATURATED_SFT_STEPS) == {"ocr": 0.4, "counting": 0.15}
