@@ -21,8 +21,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ SFT_WEIGHTS = {"counting": 0.15, "grounding": 0.25, "ocr": 0.4, "chart": 0.15, "
 # fields at no budget tried), while grounding keeps improving with steps. So past twice the default budget's steps the
 # other families' sample counts stop growing and grounding takes every further step.
 SATURATED_SFT_STEPS = 1800
+BLIND_DETECTOR = "expression-blind detector"  # grounding_breakdown's chance level
 DEMO_TASKS = ["finevit_countbench", "finevit_refcoco_bbox_rec_val", "finevit_ocrbench", "finevit_chartqa", "finevit_docvqa_val"]
 
 
@@ -187,21 +190,36 @@ def train_configs_dir() -> Path:
     return packaged if packaged.exists() else Path(__file__).resolve().parents[1] / "train_configs"
 
 
-def predict_samples(model_dir: Path, eval_dir: Path, per_task: int = 3) -> list[dict]:
-    """Answers of the final model on a few held-out images per task, with the evaluation prompts."""
+def _answer(model, processor, image, question: str) -> str:
+    """The model's greedy answer to one question about one image, in the evaluation's chat format."""
+    import torch
+
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    inputs = processor(images=[image], text=[text])
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+
+def _parquet_rows(path: Path) -> list[tuple[dict, Any]]:
+    """Rows of a benchmark parquet file with their decoded RGB images."""
     import io
 
     import pyarrow.parquet as pq
-    import torch
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    return [(row, Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")) for row in pq.read_table(path).to_pylist()]
+
+
+def predict_samples(model, processor, eval_dir: Path, per_task: int = 3) -> list[dict]:
+    """Answers of the final model on a few held-out images per task, with the evaluation prompts."""
     from . import prompts
     from .boxes import parse_box
     from .eval import metrics
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
     samples = []
     specs = [
         ("count", "countbench/test.parquet", lambda r: (f"{r['question']}\n{prompts.NUMBER_ANSWER}", str(r["number"]))),
@@ -213,17 +231,9 @@ def predict_samples(model_dir: Path, eval_dir: Path, per_task: int = 3) -> list[
     for task, relative, make in specs:
         if not (eval_dir / relative).exists():
             continue
-        for row in pq.read_table(eval_dir / relative).to_pylist()[:per_task]:
-            image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        for row, image in _parquet_rows(eval_dir / relative)[:per_task]:
             question, answer = make(row)
-            text = processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                add_generation_prompt=True, tokenize=False,
-            )
-            inputs = processor(images=[image], text=[text])
-            with torch.no_grad():
-                output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-            prediction = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+            prediction = _answer(model, processor, image, question)
             sample = {"image": image, "task": task, "question": question.split("\n")[0], "prediction": prediction,
                       "gt_box": None, "pred_box": None}
             if task == "ground":
@@ -238,6 +248,38 @@ def predict_samples(model_dir: Path, eval_dir: Path, per_task: int = 3) -> list[
                 sample["correct"] = prediction.strip().lower() == str(answer).strip().lower()
             samples.append(sample)
     return samples
+
+
+def grounding_breakdown(model, processor, data_dir: Path) -> dict[str, float] | None:
+    """Where the predicted boxes of the held-out grounding set land (IoU >= 0.5): on the object the expression
+    names, on another object of the image, or on none; and what a detector that ignores the expression would score
+    (one of the image's objects at random). Accuracy above that chance level means the expression is understood, not
+    only objects found. Every object of an image comes from its Stage III grounding record."""
+    from . import prompts
+    from .boxes import box_iou, parse_box, pixels_to_normalized
+
+    refcoco = data_dir / "eval" / "refcoco" / "val.parquet"
+    if not refcoco.exists():
+        return None
+    objects = {}
+    for line in (data_dir / "stage3" / "eval.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["task"] == "grounding":
+            objects[record["id"].removesuffix("-grounding")] = record["grounding"]
+    counts = Counter()
+    chance = 0.0
+    rows = _parquet_rows(refcoco)
+    for row, image in rows:
+        expression = row["answer"][0]
+        items = objects[row["question_id"]]
+        prediction = parse_box(_answer(model, processor, image, prompts.CAPTION_TO_BOX.format(text=expression)))
+        hits = [prediction is not None and box_iou(prediction, pixels_to_normalized(item["box"], *image.size)) >= 0.5
+                for item in items]
+        named = next(i for i, item in enumerate(items) if item["expression"] == expression)
+        counts["named object" if hits[named] else "another object" if any(hits) else "no object"] += 1
+        chance += 1 / len(items)
+    shares = {name: counts[name] / len(rows) for name in ("named object", "another object", "no object")}
+    return {**shares, BLIND_DETECTOR: chance / len(rows)}
 
 
 def _last(metrics_path: Path, key: str) -> float | None:
@@ -268,7 +310,8 @@ def ocrbench_note(ocrbench: dict[str, float | None] | None) -> str:
 
 
 def write_report(out: Path, rows: list[dict], timings: dict[str, float], stages: dict[str, dict], args, size_name: str,
-                 n_params: float, ocrbench: dict[str, float | None] | None = None, mixture: str = "") -> str:
+                 n_params: float, ocrbench: dict[str, float | None] | None = None, mixture: str = "",
+                 grounding: dict[str, float] | None = None) -> str:
     lines = [
         "# FineViT-VL quickstart report",
         "",
@@ -284,8 +327,13 @@ def write_report(out: Path, rows: list[dict], timings: dict[str, float], stages:
     for row in rows:
         lines.append(f"| {row['task']} | {row['metric']} | {row['model']:.3f} | {row['baseline']:.3f} | "
                      f"{row['model'] - row['baseline']:+.3f} | {row['baseline_name']} |")
-    lines += ["", ocrbench_note(ocrbench), "",
-              "## Training", "", "| stage | steps | samples | held-out loss (start -> end) | tokens/s | images/s |",
+    lines += ["", ocrbench_note(ocrbench), ""]
+    if grounding:
+        landed = ", ".join(f"{name} {share:.2f}" for name, share in grounding.items() if name != BLIND_DETECTOR)
+        lines += [(f"Grounding: the predicted box (IoU >= 0.5) lands on the {landed}; a detector that ignores the "
+                   f"expression (one of the image's objects at random) would find the named object "
+                   f"{grounding[BLIND_DETECTOR]:.2f} of the time."), ""]
+    lines += ["## Training", "", "| stage | steps | samples | held-out loss (start -> end) | tokens/s | images/s |",
               "|---|---|---|---|---|---|"]
     for stage, info in stages.items():
         lines.append(f"| {stage} | {info['steps']} | {info['samples']} | {info['eval_start']:.3f} -> {info['eval_end']:.3f} | "
@@ -406,14 +454,16 @@ def main(argv: list[str] | None = None) -> int:
              "baseline_name": baselines[task]["baseline"]} for task in tasks if task in baselines]
     plot_loss_curves({"Stage III alignment": out / "stage3" / "metrics.jsonl",
                       "instruction tuning": out / "sft" / "metrics.jsonl"}, out / "loss_curves.png")
-    draw_prediction_grid(predict_samples(model_dir, data_dir / "eval"), out / "predictions.png")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from transformers import AutoModelForImageTextToText
+    final_model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    draw_prediction_grid(predict_samples(final_model, processor, data_dir / "eval"), out / "predictions.png")
+    grounding = grounding_breakdown(final_model, processor, data_dir)
 
     from .eval.suite import fill_model_card, results_markdown
     from .model_card import write_model_card
 
-    final_model = AutoModelForImageTextToText.from_pretrained(model_dir)
     n_params = sum(p.numel() for p in final_model.parameters()) / 1e6
     training = (f"Stage III alignment ({stage3_steps} steps x {GLOBAL_BATCH} samples: global captions, box->caption, "
                 f"caption->box, OCR with boxes; encoder unfrozen), then instruction tuning ({sft_steps} steps x "
@@ -424,8 +474,11 @@ def main(argv: list[str] | None = None) -> int:
                             "fine-grained data. A demonstration of the toolkit, not a useful model.", training)
     fill_model_card(str(card), results_markdown(scores))
     timings["report"] = time.perf_counter() - started
-    report = write_report(out, rows, timings, stages, args, args.size, n_params, scores.get("finevit_ocrbench"), mixture)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "scores": scores, "timings": timings}, indent=2))
+    report = write_report(out, rows, timings, stages, args, args.size, n_params, scores.get("finevit_ocrbench"), mixture,
+                          grounding)
+    (out / "results.json").write_text(
+        json.dumps({"rows": rows, "scores": scores, "grounding": grounding, "timings": timings}, indent=2)
+    )
 
     print()
     print("\n".join(line for line in report.splitlines() if line.startswith("|"))[:4000])

@@ -166,3 +166,39 @@ def test_longer_budgets_give_their_extra_steps_to_grounding():
             assert long_run[family] * 2 * SATURATED_SFT_STEPS == pytest.approx(SFT_WEIGHTS[family] * SATURATED_SFT_STEPS)
     assert long_run["grounding"] == pytest.approx(1 - 0.75 / 2)
     assert sft_weights(["ocr", "counting"], 10 * SATURATED_SFT_STEPS) == {"ocr": 0.4, "counting": 0.15}
+
+
+def test_grounding_breakdown_tells_the_named_object_from_another(tmp_path, monkeypatch):
+    """The report says whether boxes land on the object the expression names or on another object of the image, next
+    to the chance level of a detector that ignores the expression: an ACC@0.5 below that level is no grounding."""
+    from finevit_vl import quickstart
+    from finevit_vl.boxes import box_to_text
+    from finevit_vl.data.synthetic import main as make_data
+
+    make_data(["--out", str(tmp_path), "--seed", "5", "--train-per-task", "1", "--eval-per-task", "30",
+               "--image-size", "112", "--tasks", "grounding"])
+    import pyarrow.parquet as pq
+
+    records = [json.loads(line) for line in (tmp_path / "stage3" / "eval.jsonl").read_text().splitlines()]
+    objects = {r["id"].removesuffix("-grounding"): r["grounding"] for r in records if r["task"] == "grounding"}
+
+    def answer_with(pick):
+        # The breakdown asks about the refcoco rows in file order; answer each with a box `pick` chooses.
+        row_ids = iter(pq.read_table(tmp_path / "eval" / "refcoco" / "val.parquet").column("question_id").to_pylist())
+
+        def answer(model, processor, image, question):
+            expression = question.rsplit(": ", 1)[1]
+            return box_to_text(pick(objects[next(row_ids)], expression), *image.size)
+        return answer
+
+    named = lambda items, e: next(g["box"] for g in items if g["expression"] == e)
+    other = lambda items, e: next(g["box"] for g in items if g["expression"] != e)
+    monkeypatch.setattr(quickstart, "_answer", answer_with(named))
+    breakdown = quickstart.grounding_breakdown(None, None, tmp_path)
+    assert breakdown["named object"] == 1.0 and breakdown["another object"] == 0.0
+    expected_chance = sum(1 / len(items) for items in objects.values()) / len(objects)
+    assert breakdown[quickstart.BLIND_DETECTOR] == pytest.approx(expected_chance)
+    assert 0.25 <= expected_chance <= 0.5  # 2-4 objects per image
+    monkeypatch.setattr(quickstart, "_answer", answer_with(other))
+    breakdown = quickstart.grounding_breakdown(None, None, tmp_path)
+    assert breakdown["named object"] == 0.0 and breakdown["another object"] == 1.0 and breakdown["no object"] == 0.0
