@@ -190,18 +190,16 @@ def train_configs_dir() -> Path:
     return packaged if packaged.exists() else Path(__file__).resolve().parents[1] / "train_configs"
 
 
-def _answer(model, processor, image, question: str) -> str:
-    """The model's greedy answer to one question about one image, in the evaluation's chat format."""
-    import torch
+def _answers(model, processor, images: list, questions: list[str], batch_size: int = 16) -> list[str]:
+    """The model's greedy answers to one question per image, in the evaluation's chat format, in batches."""
+    from .eval.generation import generate_answers, image_question_chat
 
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True, tokenize=False,
-    )
-    inputs = processor(images=[image], text=[text])
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    chats = [image_question_chat(image, question) for image, question in zip(images, questions)]
+    answers: list[str] = []
+    for start in range(0, len(chats), batch_size):
+        answers += generate_answers(model, processor, chats[start : start + batch_size], max_new_tokens=24,
+                                    do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    return [answer.strip() for answer in answers]
 
 
 def _parquet_rows(path: Path) -> list[tuple[dict, Any]]:
@@ -228,25 +226,23 @@ def predict_samples(model, processor, eval_dir: Path, per_task: int = 3) -> list
         ("chart", "chartqa/test.parquet", lambda r: (prompts.short_answer(r["question"]), r["answer"])),
         ("doc", "docvqa/validation.parquet", lambda r: (prompts.short_answer(r["question"]), r["answers"][0])),
     ]
-    for task, relative, make in specs:
-        if not (eval_dir / relative).exists():
-            continue
-        for row, image in _parquet_rows(eval_dir / relative)[:per_task]:
-            question, answer = make(row)
-            prediction = _answer(model, processor, image, question)
-            sample = {"image": image, "task": task, "question": question.split("\n")[0], "prediction": prediction,
-                      "gt_box": None, "pred_box": None}
-            if task == "ground":
-                x, y, w, h = row["bbox"]
-                sample["gt_box"] = [x, y, x + w, y + h]
-                sample["pred_box"] = parse_box(prediction)
-                gt = metrics.xywh_to_normalized(row["bbox"], image.width, image.height)
-                sample["answer"] = f"IoU {metrics.rec_scores(prediction, gt)['iou']:.2f} (green: true box)"
-                sample["correct"] = metrics.rec_scores(prediction, gt)["acc"] == 1.0
-            else:
-                sample["answer"] = answer
-                sample["correct"] = prediction.strip().lower() == str(answer).strip().lower()
-            samples.append(sample)
+    asked = [(task, row, image, *make(row)) for task, relative, make in specs if (eval_dir / relative).exists()
+             for row, image in _parquet_rows(eval_dir / relative)[:per_task]]
+    predictions = _answers(model, processor, [item[2] for item in asked], [item[3] for item in asked])
+    for (task, row, image, question, answer), prediction in zip(asked, predictions):
+        sample = {"image": image, "task": task, "question": question.split("\n")[0], "prediction": prediction,
+                  "gt_box": None, "pred_box": None}
+        if task == "ground":
+            x, y, w, h = row["bbox"]
+            sample["gt_box"] = [x, y, x + w, y + h]
+            sample["pred_box"] = parse_box(prediction)
+            gt = metrics.xywh_to_normalized(row["bbox"], image.width, image.height)
+            sample["answer"] = f"IoU {metrics.rec_scores(prediction, gt)['iou']:.2f} (green: true box)"
+            sample["correct"] = metrics.rec_scores(prediction, gt)["acc"] == 1.0
+        else:
+            sample["answer"] = answer
+            sample["correct"] = prediction.strip().lower() == str(answer).strip().lower()
+        samples.append(sample)
     return samples
 
 
@@ -266,16 +262,16 @@ def grounding_breakdown(model, processor, data_dir: Path) -> dict[str, float] | 
         record = json.loads(line)
         if record["task"] == "grounding":
             objects[record["id"].removesuffix("-grounding")] = record["grounding"]
+    rows = _parquet_rows(refcoco)
+    predictions = _answers(model, processor, [image for _, image in rows],
+                           [prompts.CAPTION_TO_BOX.format(text=row["answer"][0]) for row, _ in rows])
     counts = Counter()
     chance = 0.0
-    rows = _parquet_rows(refcoco)
-    for row, image in rows:
-        expression = row["answer"][0]
+    for (row, image), prediction in zip(rows, predictions):
         items = objects[row["question_id"]]
-        prediction = parse_box(_answer(model, processor, image, prompts.CAPTION_TO_BOX.format(text=expression)))
-        hits = [prediction is not None and box_iou(prediction, pixels_to_normalized(item["box"], *image.size)) >= 0.5
-                for item in items]
-        named = next(i for i, item in enumerate(items) if item["expression"] == expression)
+        box = parse_box(prediction)
+        hits = [box is not None and box_iou(box, pixels_to_normalized(item["box"], *image.size)) >= 0.5 for item in items]
+        named = next(i for i, item in enumerate(items) if item["expression"] == row["answer"][0])
         counts["named object" if hits[named] else "another object" if any(hits) else "no object"] += 1
         chance += 1 / len(items)
     shares = {name: counts[name] / len(rows) for name in ("named object", "another object", "no object")}

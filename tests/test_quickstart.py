@@ -184,21 +184,21 @@ def test_grounding_breakdown_tells_the_named_object_from_another(tmp_path, monke
 
     def answer_with(pick):
         # The breakdown asks about the refcoco rows in file order; answer each with a box `pick` chooses.
-        row_ids = iter(pq.read_table(tmp_path / "eval" / "refcoco" / "val.parquet").column("question_id").to_pylist())
+        row_ids = pq.read_table(tmp_path / "eval" / "refcoco" / "val.parquet").column("question_id").to_pylist()
 
-        def answer(model, processor, image, question):
-            expression = question.rsplit(": ", 1)[1]
-            return box_to_text(pick(objects[next(row_ids)], expression), *image.size)
-        return answer
+        def answers(model, processor, images, questions):
+            return [box_to_text(pick(objects[row_id], question.rsplit(": ", 1)[1]), *image.size)
+                    for row_id, image, question in zip(row_ids, images, questions, strict=True)]
+        return answers
 
     named = lambda items, e: next(g["box"] for g in items if g["expression"] == e)
     other = lambda items, e: next(g["box"] for g in items if g["expression"] != e)
-    monkeypatch.setattr(quickstart, "_answer", answer_with(named))
+    monkeypatch.setattr(quickstart, "_answers", answer_with(named))
     breakdown = quickstart.grounding_breakdown(None, None, tmp_path)
     assert breakdown["named object"] == 1.0 and breakdown["another object"] == 0.0
     expected_chance = sum(1 / len(items) for items in objects.values()) / len(objects)
     assert breakdown[quickstart.BLIND_DETECTOR] == pytest.approx(expected_chance)
     assert 0.25 <= expected_chance <= 0.5  # 2-4 objects per image
-    monkeypatch.setattr(quickstart, "_answer", answer_with(other))
+    monkeypatch.setattr(quickstart, "_answers", answer_with(other))
     breakdown = quickstart.grounding_breakdown(None, None, tmp_path)
     assert breakdown["named object"] == 0.0 and breakdown["another object"] == 1.0 and breakdown["no object"] == 0.0

@@ -26,6 +26,7 @@ from lmms_eval.protocol import ChatMessages
 from tqdm import tqdm
 
 from finevit_vl import boxes
+from finevit_vl.eval.generation import generate_answers
 
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -196,27 +197,12 @@ class FineViTVL(lmms):
             message["content"] = [{"type": "image"} if item["type"] == "image" else item for item in message["content"]]
         return messages, images
 
-    @torch.no_grad()
     def _generate(self, batch_args: list[tuple]) -> list[str]:
         chats = [self._chat(doc_to_messages, doc_id, task, split) for _, doc_to_messages, _, doc_id, task, split in batch_args]
         gen_kwargs = dict(batch_args[0][2])
         until = gen_kwargs.pop("until", None) or []
         until = [stop for stop in ([until] if isinstance(until, str) else until) if stop]
-
-        tokenizer = self.processor.tokenizer
-        texts = [self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) for messages, _ in chats]
-        images = [image for _, chat_images in chats for image in chat_images]
-        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        was_training = self.model.training
-        try:
-            inputs = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt").to(self.device)
-            self.model.eval()
-            output_ids = self.model.generate(**inputs, **self._generation_config(gen_kwargs, until))
-        finally:
-            tokenizer.padding_side = padding_side
-            self.model.train(was_training)
-        # Left padding: every prompt ends at the same column, so the new tokens are what follows it.
-        answers = tokenizer.batch_decode(output_ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers = generate_answers(self.model, self.processor, chats, self.device, **self._generation_config(gen_kwargs, until))
         return [self._postprocess(answer, until) for answer in answers]
 
     def _generation_config(self, gen_kwargs: dict, until: list[str]) -> dict:
