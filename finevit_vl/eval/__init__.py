@@ -2,6 +2,7 @@
 
 * `finevit_vl.eval.metrics`: benchmark metrics in pure Python (no lmms-eval or torch code).
 * `finevit_vl.eval.lmms_model`: the lmms-eval chat model ``finevit_vl`` (registered by `finevit_vl.eval.lmms_manifest`).
+* `finevit_vl.eval.generation`: batched chat generation (the plugin's, also used by the demo's reports).
 * `finevit_vl.eval.tasks_path`: where the task yamls live, and task directories for local copies of the datasets.
 * `finevit_vl.eval.suite`: `run_eval_suite` and the ``finevit-vl eval`` command.
 
