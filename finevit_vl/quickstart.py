@@ -207,10 +207,11 @@ def _parquet_rows(path: Path) -> list[tuple[dict, Any]]:
     """Rows of a benchmark parquet file with their decoded RGB images."""
     import io
 
-    import pyarrow.parquet as pq
     from PIL import Image
 
-    return [(row, Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")) for row in pq.read_table(path).to_pylist()]
+    from .report import _rows
+
+    return [(row, Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")) for row in _rows(path)]
 
 
 def predict_samples(model, processor, eval_dir: Path, per_task: int = 3) -> list[dict]:

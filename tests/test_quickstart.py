@@ -171,14 +171,14 @@ def test_longer_budgets_give_their_extra_steps_to_grounding():
 def test_grounding_breakdown_tells_the_named_object_from_another(tmp_path, monkeypatch):
     """The report says whether boxes land on the object the expression names or on another object of the image, next
     to the chance level of a detector that ignores the expression: an ACC@0.5 below that level is no grounding."""
+    import pyarrow.parquet as pq
+
     from finevit_vl import quickstart
     from finevit_vl.boxes import box_to_text
     from finevit_vl.data.synthetic import main as make_data
 
     make_data(["--out", str(tmp_path), "--seed", "5", "--train-per-task", "1", "--eval-per-task", "30",
                "--image-size", "112", "--tasks", "grounding"])
-    import pyarrow.parquet as pq
-
     records = [json.loads(line) for line in (tmp_path / "stage3" / "eval.jsonl").read_text().splitlines()]
     objects = {r["id"].removesuffix("-grounding"): r["grounding"] for r in records if r["task"] == "grounding"}
 
