@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("finevit_vl.assembly:main", "assemble a FineViT-VL from a FineViT checkpoint and any HF causal-LM checkpoint"),
     "make-data": ("finevit_vl.data.synthetic:main", "generate the synthetic fine-grained data set (train + held-out eval)"),
     "train": ("finevit_vl.train.__main__:main", "train a stage from a YAML config (use `accelerate launch -m finevit_vl.train` for multi-process)"),
+    "export": ("finevit_vl.train.export:main", "turn a training checkpoint (or a run folder's newest) into a Hugging Face model folder"),
     "eval": ("finevit_vl.eval.suite:main", "run an lmms-eval suite of FineViT tasks on a checkpoint and write JSON + markdown"),
     "quickstart": ("finevit_vl.quickstart:main", "the demo: data -> tiny model -> Stage III -> SFT -> lmms-eval -> report"),
     "bench": ("finevit_vl.bench:main", "run the benchmarks in benchmarks/ and write results + BENCHMARKS.md"),

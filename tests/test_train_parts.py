@@ -140,41 +140,54 @@ def test_a_source_without_usable_records_fails_clearly(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"id": "a", "image": "none.png", "task": "caption", "caption": "x"}) + "\n")
     stream = TrainStream(JsonlSource(path), SampleEncoder(processor, 64), 1, 1, False, 0, BadRecordLog(None))
-    with pytest.raises(ValueError, match="no usable record"):
-        stream.next_step()
+    # A stop, not an exception: the trainer stops every rank together.
+    batch = stream.next_step()
+    assert "no usable record" in batch.stop_reason and not batch.micro_batches
 
 
-def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
+def test_checkpoints_are_atomic_verified_and_pruned(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from finevit_vl.train.checkpoint import CheckpointManager, list_checkpoints
+    from finevit_vl.train import checkpoint
+    from finevit_vl.train.checkpoint import CheckpointManager, list_checkpoints, newest_intact
 
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
-    manager = CheckpointManager(accelerator, tmp_path, keep_last=2)
-    manager.save(1, {"samples_seen": 1}, {"position": 1})
+    manager = CheckpointManager(accelerator, tmp_path, keep_last=2, run_id="run-a")
+
+    def save(step: int, state: dict, data_state: dict):
+        return manager.save(step, model, optimizer, None, state, data_state, "seed: 0\n", trainable_only=True)
+
+    save(1, {"samples_seen": 1}, {"position": 1})
     saved = model.weight.detach().clone()
 
-    def crash(output_dir):  # a SIGKILL half-way through writing the weights
-        Path(output_dir, "model.safetensors").write_bytes(b"partial")
+    def crash(*args, **kwargs):  # a SIGKILL half-way through writing the weights
+        Path(args[3], "trainable.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(accelerator, "save_state", crash)
+        patch.setattr(checkpoint, "save_weights", crash)
         with torch.no_grad():
             model.weight.add_(1.0)
         with pytest.raises(KeyboardInterrupt):
-            manager.save(2, {"samples_seen": 2}, {"position": 2})
-    assert manager.latest().name == "checkpoint-00000001"
-    trainer_state, data_state = manager.load(manager.latest())
-    assert trainer_state["step"] == 1 and data_state == {"position": 1}
+            save(2, {"samples_seen": 2}, {"position": 2})
+    latest, skipped = newest_intact(list_checkpoints(tmp_path / "checkpoints"))
+    assert latest.name == "checkpoint-00000001" and not skipped
+    trainer_state, data_state = manager.load(latest, model, optimizer)
+    assert trainer_state["step"] == 1 and trainer_state["run_id"] == "run-a" and data_state == {"position": 1}
     torch.testing.assert_close(model.weight.detach(), saved)
 
+    other = CheckpointManager(accelerator, tmp_path, keep_last=1, run_id="run-b")
+    other.save(9, model, optimizer, None, {}, {}, "", trainable_only=True)
     for step in (2, 3, 4):
-        manager.save(step, {}, {})
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-00000003", "checkpoint-00000004"]
+        save(step, {}, {})
+    # Pruning keeps this run's last two and never touches another run's checkpoint.
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "checkpoint-00000003", "checkpoint-00000004", "checkpoint-00000009"]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints", "run-a")] == [
+        "checkpoint-00000003", "checkpoint-00000004"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 

@@ -54,6 +54,27 @@ def _setup_logging(accelerator) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _plan(config, accelerator):
+    """How this run starts (new / resume / refused), decided on the main process and shared, so all ranks agree
+    and all raise the same error."""
+    from .checkpoint import CheckpointError
+    from .run_dir import plan_run
+
+    outcome: list = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = plan_run(config)
+        except (CheckpointError, ValueError) as error:
+            outcome[0] = error
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
 def run(config) -> dict:
     """The recipe. Returns what was exported (`{"model": dir, "adapter": dir}`), empty when stopped early."""
     from accelerate.utils import set_seed
@@ -63,6 +84,7 @@ def run(config) -> dict:
     from .config import config_to_dict, save_config
     from .data import BadRecordLog, TrainStream
     from .evaluation import HeldOutLoss, load_eval_samples
+    from .run_dir import apply_plan
     from .freeze import format_report, trainable_report
     from .model import load_model, prepare_trainable
     from .trainer import Trainer
@@ -71,9 +93,12 @@ def run(config) -> dict:
     _setup_logging(accelerator)
     config.check_world_size(accelerator.num_processes)
     run_dir = Path(config.run_dir)
+    plan = _plan(config, accelerator)
+    for note in plan.notes:
+        logger.warning(note)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        apply_plan(plan, config)
+        save_config(config, run_dir / "config.yaml")  # the config in force (checked against the checkpoint's)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -108,10 +133,10 @@ def run(config) -> dict:
                 config.train.micro_batch_size, "packed rows" if config.data.pack else "samples",
                 processor.image_processor.max_pixels)
     # 4. Train, evaluate, export.
-    trainer = Trainer(config, accelerator, model, processor, base_path, stream, held_out)
+    trainer = Trainer(config, accelerator, model, processor, base_path, stream, held_out, plan.run_id)
     if config.logging.log_with:
         accelerator.init_trackers(config.logging.project_name, config=_flat(config_to_dict(config)))
-    written = trainer.fit()
+    written = trainer.fit(plan.checkpoint)
     accelerator.end_training()
     return written
 
@@ -135,7 +160,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         return 0
-    run(config)
+    from .checkpoint import CheckpointError
+    from .preemption import INTERRUPTED_EXIT_CODE, TrainingInterrupted
+
+    try:
+        run(config)
+    except TrainingInterrupted as stopped:
+        print(f"finevit-vl train: {stopped}; resume with: finevit-vl train {Path(config.run_dir) / 'config.yaml'}",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except (CheckpointError, ValueError) as error:  # user-facing: a clear message, no traceback
+        print(f"finevit-vl train: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,23 +1,39 @@
-"""Atomic, resumable checkpoints: `accelerator.save_state` (model, optimizer, scheduler, RNG of every rank) plus the
-data position of every rank and the trainer counters, written to a temporary folder and renamed when complete.
+"""Atomic, verified, pickle-free checkpoints, and the run identity that resume checks.
 
 Layout::
 
+    run_dir/run.json                            {"run_id": ...}: which run owns this folder
     run_dir/checkpoints/checkpoint-00000200/
-        model.safetensors, optimizer.bin, custom_checkpoint_0.pkl (scheduler), random_states_{rank}.pkl  (accelerate)
-        data_state_rank{rank}.json      source cursor, pass, bad-record count of each rank
-        trainer_state.json              step, counters, world size; written last
+        config.json, model.safetensors, processor files   full fine-tune: a loadable Hugging Face folder
+        trainable.safetensors                             LoRA: the trained tensors (`finevit-vl export` merges them)
+        optimizer.pt                                      tensors and plain values only, loaded with weights_only=True
+        rng_rank{rank}.json, data_state_rank{rank}.json   RNG and data position of every rank
+        run_config.yaml                                   the resolved training config in force
+        trainer_state.json                                step, counters, run id, size + sha256 of every file; last
 
-A crash or SIGKILL during a save leaves a `.tmp-checkpoint-*` folder that is ignored (and removed by the next
-save), so the previous checkpoint stays the latest usable one. Only the last `keep_last` checkpoints are kept.
+Nothing in a checkpoint is unpickled: weights are safetensors, the optimizer state goes through
+`torch.load(weights_only=True)`, the rest is JSON / YAML, and a file that the manifest does not list is refused.
+The scheduler is not stored: it is a function of the step and the config, rebuilt on resume (so a deliberately
+changed learning rate takes effect).
+
+A save writes into `.tmp-checkpoint-N`, fsyncs every file, renames the folder and fsyncs the parent; a crash, a
+SIGKILL or a full disk leaves the previous checkpoint as the newest intact one. On resume a checkpoint whose files
+do not match their manifest (truncated, corrupt, missing) is skipped with a warning in favour of the previous one.
+Pruning keeps the last `keep_last` checkpoints of this run and never touches another run's.
 """
 
+import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
+import uuid
 from pathlib import Path
+
+import numpy as np
+import torch
 
 
 logger = logging.getLogger(__name__)
@@ -25,79 +41,415 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"
+FORMAT_VERSION = 2
 _NAME = re.compile(rf"{PREFIX}(\d+)")
 
 
-def _write_json(path: Path, data: dict) -> None:
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the checkpoint and the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holding a file that could execute code when loaded (never skipped silently)."""
+
+
+# ---------------------------------------------------------------------------------------------------- file helpers
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: dict | list) -> None:
     with open(path, "w") as file:
-        json.dump(data, file, indent=2)
+        json.dump(data, file, indent=1)
         file.flush()
         os.fsync(file.fileno())
 
 
-def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `folder`, oldest first."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict]:
+    return {
+        str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(folder.rglob("*")) if path.is_file() and path.name != STATE_FILE
+    }
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_NAME.fullmatch(path.name).group(1))
+
+
+def read_state(path: Path) -> dict:
+    """`trainer_state.json` of a checkpoint; `CheckpointError` naming the file if absent or unreadable."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE})") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{file} is unreadable or corrupt ({error})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file} is not a trainer state (no 'step')")
+    if state.get("format") != FORMAT_VERSION:
+        raise UnsafeCheckpointError(
+            f"{path} was written by an older FineViT-VL whose resume state is pickled (Accelerate's *.pkl); it is not "
+            "loaded, since unpickling can run code. Its weights still load with from_pretrained if it has "
+            "config.json; start a new run from them (model.path) instead of resuming"
+        )
+    return state
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check every file against the manifest; returns the trainer state.
+
+    Raises `CheckpointError` for a truncated, corrupt or missing file and `UnsafeCheckpointError` for a file the
+    manifest does not list (e.g. a planted pickle).
+    """
+    path = Path(path)
+    state = read_state(path)
+    files = state.get("files", {})
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != STATE_FILE}
+    planted = sorted(present - set(files))
+    if planted:
+        raise UnsafeCheckpointError(
+            f"{path} holds file(s) that its manifest does not list: {planted}; refusing to resume from it (a planted "
+            "file, e.g. a pickle, could run code). Remove them if you trust their origin, or resume from another "
+            "checkpoint (train.resume=PATH)"
+        )
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing from the checkpoint")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{file} is {size} bytes, {expected['size']} were written: truncated or corrupt")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} does not match the checksum written with it: corrupt")
+    return state
+
+
+def list_checkpoints(folder: str | os.PathLike, run_id: str | None = None) -> list[Path]:
+    """Checkpoint folders with a trainer state in `folder` (of `run_id` when given), oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _NAME.fullmatch(p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))
+    found = []
+    for path in folder.iterdir():
+        if not (_NAME.fullmatch(path.name) and (path / STATE_FILE).exists()):
+            continue
+        if run_id is not None:
+            try:
+                if json.loads((path / STATE_FILE).read_text()).get("run_id") != run_id:
+                    continue
+            except (OSError, ValueError):
+                pass  # unreadable: kept in the list, so resume reports it and falls back
+        found.append(path)
+    return sorted(found, key=checkpoint_step)
+
+
+def newest_intact(paths: list[Path]) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, and a message for each newer one skipped as corrupt."""
+    skipped = []
+    for path in reversed(paths):
+        try:
+            verify_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as error:
+            skipped.append(f"skipping checkpoint {path.name}: {error}")
+            continue
+        return path, skipped
+    return None, skipped
+
+
+# ---------------------------------------------------------------------------------------------------- run identity
+
+
+def read_run_id(run_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / RUN_FILE).read_text())["run_id"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{Path(run_dir) / RUN_FILE} is corrupt ({error}); fix or delete it") from None
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def write_run_id(run_dir: Path, run_id: str) -> None:
+    write_json(Path(run_dir) / RUN_FILE, {"run_id": run_id})
+
+
+# ---------------------------------------------------------------------------------------------------- RNG as JSON
+
+
+def rng_state() -> dict:
+    version, state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    data = {
+        "python": [version, list(state), gauss],
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        data["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return data
+
+
+def set_rng_state(data: dict) -> None:
+    version, state, gauss = data["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, position, has_gauss, cached = data["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(data["torch"], dtype=torch.uint8))
+    if "cuda" in data and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in data["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+
+
+def _weight_files(path: Path, stem: str) -> list[Path]:
+    index = path / f"{stem}.safetensors.index.json"
+    if index.exists():
+        return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = path / f"{stem}.safetensors"
+    return [single] if single.exists() else []
+
+
+def load_weights(model: torch.nn.Module, path: Path, trainable_only: bool) -> None:
+    """Load a checkpoint's safetensors into `model`; every expected tensor must be there, with its shape.
+
+    Full fine-tune checkpoints may omit tied weights (saved once); LoRA checkpoints hold the trainable tensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    stem = "trainable" if trainable_only else "model"
+    files = _weight_files(path, stem)
+    if not files:
+        raise CheckpointError(f"{path} has no {stem}.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{file}: cannot read safetensors ({error})") from None
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad} if trainable_only else set(model.state_dict())
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if unexpected:
+        raise CheckpointError(f"{files[0]}: tensors the model does not have: {unexpected[:5]}")
+    loaded_ptrs = {params[n].data_ptr() for n in state if n in params}
+    missing = sorted(n for n in expected - set(state) if not (n in params and params[n].data_ptr() in loaded_ptrs))
+    if missing:
+        raise CheckpointError(f"{files[0]}: missing tensor(s) {missing[:5]} (of {len(missing)}); not resuming with "
+                              "randomly initialised weights")
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise CheckpointError(f"{files[0]}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                                  f"{tuple(own[name].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def save_weights(model: torch.nn.Module, state_dict: dict, processor, folder: Path, trainable_only: bool) -> None:
+    """Full fine-tune: a Hugging Face folder (config, weights, processor). LoRA: the trainable tensors."""
+    if trainable_only:
+        from safetensors.torch import save_file
+
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        save_file({n: t.detach().contiguous().cpu() for n, t in state_dict.items() if n in names},
+                  str(folder / "trainable.safetensors"))
+        return
+    model.save_pretrained(folder, state_dict=state_dict)
+    processor.save_pretrained(folder)
+
+
+def load_optimizer_state(path: Path, device) -> dict:
+    file = path / "optimizer.pt"
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise UnsafeCheckpointError(f"{file} holds objects other than tensors and plain values; refusing to "
+                                        f"unpickle it ({str(error).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: cannot read the optimizer state ({error})") from None
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder without following symlinks out of it."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def finalize(tmp: Path, final: Path) -> None:
+    """fsync every file of `tmp`, rename it to `final` (replacing a folder of the same step), fsync the parent."""
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            _fsync_path(file)
+    _fsync_path(tmp)
+    if final.exists():  # re-saving a step (e.g. a resumed run stopped at the same step): swap
+        old = final.with_name(final.name + ".old")
+        remove_tree(old)
+        final.rename(old)
+        tmp.rename(final)
+        remove_tree(old)
+    else:
+        tmp.rename(final)
+    _fsync_path(final.parent)
+
+
+def seal(tmp: Path, state: dict) -> None:
+    """Write the manifest of everything in `tmp` with the trainer state, last."""
+    write_json(tmp / STATE_FILE, {**state, "format": FORMAT_VERSION, "files": _manifest(tmp)})
+
+
+def prune(folder: Path, run_id: str, keep_last: int) -> None:
+    for stale in list_checkpoints(folder, run_id)[: -max(1, keep_last)]:
+        remove_tree(stale)
+
+
+
+# ---------------------------------------------------------------------------------------------------- the manager
+
+
+def _sharded(accelerator) -> bool:
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
+
+def _describe(error: BaseException, folder: Path) -> str:
+    """The error, plus the free space when the disk is (nearly) full: torch's writer hides ENOSPC."""
+    text = f"{type(error).__name__}: {error}"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return text
+    if "No space left" not in text and free < 16 * 2**20:
+        text += f" (No space left on device: {free} bytes free on {folder})"
+    return text
 
 
 class CheckpointManager:
-    def __init__(self, accelerator, run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Saves and loads the training state of every rank (collective calls)."""
+
+    def __init__(self, accelerator, run_dir: str | os.PathLike, keep_last: int, run_id: str) -> None:
         self.accelerator = accelerator
         self.folder = Path(run_dir) / "checkpoints"
         self.keep_last = max(1, keep_last)
+        self.run_id = run_id
 
-    def latest(self) -> Path | None:
-        checkpoints = list_checkpoints(self.folder)
-        return checkpoints[-1] if checkpoints else None
+    def _all_ok(self, ok: bool) -> bool:
+        flag = torch.tensor(0.0 if ok else 1.0, device=self.accelerator.device)
+        return float(self.accelerator.reduce(flag, reduction="sum")) == 0
 
-    def save(self, step: int, trainer_state: dict, data_state: dict) -> Path:
-        """Save on every rank (collective); returns the final folder."""
+    def save(self, step: int, model, optimizer, processor, trainer_state: dict, data_state: dict, config_text: str,
+             trainable_only: bool) -> Path:
+        """Write checkpoint `step`; on failure (e.g. a full disk) the partial folder is removed on every rank and
+        `CheckpointError` names the folder and the cause, while the previous checkpoint stays intact."""
         accelerator = self.accelerator
         final = self.folder / f"{PREFIX}{step:08d}"
         tmp = self.folder / f"{TMP_PREFIX}{step:08d}"
+        error: BaseException | None = None
         if accelerator.is_main_process:
-            for stale in self.folder.glob(f"{TMP_PREFIX}*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            try:
+                for stale in self.folder.glob(f"{TMP_PREFIX}*"):
+                    remove_tree(stale)
+                tmp.mkdir(parents=True)
+            except OSError as err:
+                error = err
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        _write_json(tmp / f"data_state_rank{accelerator.process_index}.json", data_state)
-        accelerator.wait_for_everyone()
+        state_dict = None
+        if self._all_ok(error is None):
+            try:
+                if _sharded(accelerator):
+                    accelerator.save_state(str(tmp / "sharded"))  # the engine's own format (see issue on FSDP/DCP)
+                else:
+                    state_dict = accelerator.get_state_dict(model)
+                    if accelerator.is_main_process:
+                        unwrapped = accelerator.unwrap_model(model)
+                        save_weights(unwrapped, state_dict, processor, tmp, trainable_only)
+                        torch.save(getattr(optimizer, "optimizer", optimizer).state_dict(), tmp / "optimizer.pt")
+                write_json(tmp / f"data_state_rank{accelerator.process_index}.json", data_state)
+                write_json(tmp / f"rng_rank{accelerator.process_index}.json", rng_state())
+            except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+                error = err
+        del state_dict
+        saved = self._all_ok(error is None)
+        if saved and accelerator.is_main_process:
+            try:
+                (tmp / "run_config.yaml").write_text(config_text)
+                seal(tmp, {**trainer_state, "step": step, "world_size": accelerator.num_processes, "run_id": self.run_id,
+                           "trainable_only": trainable_only})
+                finalize(tmp, final)
+                prune(self.folder, self.run_id, self.keep_last)
+            except OSError as err:
+                error = err
+        saved = self._all_ok(error is None) and saved
+        if not saved:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = list_checkpoints(self.folder, self.run_id)
+            cause = _describe(error, self.folder) if error else "failed on another rank"
+            raise CheckpointError(
+                f"saving checkpoint {final} failed: {cause}; the newest checkpoint left is "
+                f"{previous[-1] if previous else 'none'}"
+            )
         if accelerator.is_main_process:
-            _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "world_size": accelerator.num_processes})
-            if final.exists():  # re-saving a step (e.g. a resumed run stopped at the same step): swap atomically
-                old = final.with_name(final.name + ".old")
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(final)
-            for stale in list_checkpoints(self.folder)[: -self.keep_last]:
-                shutil.rmtree(stale, ignore_errors=True)
             logger.info("saved checkpoint %s", final)
-        accelerator.wait_for_everyone()
         return final
 
-    def load(self, path: str | os.PathLike) -> tuple[dict, dict]:
-        """Restore model / optimizer / scheduler / RNG; returns `(trainer_state, this rank's data_state)`."""
+    def load(self, path: Path, model, optimizer) -> tuple[dict, dict]:
+        """Restore weights, optimizer and RNG from a verified checkpoint; returns `(trainer_state, data_state)`."""
+        accelerator = self.accelerator
         path = Path(path)
-        if not (path / STATE_FILE).exists():
-            raise ValueError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-        trainer_state = json.loads((path / STATE_FILE).read_text())
-        if trainer_state["world_size"] != self.accelerator.num_processes:
-            raise ValueError(
-                f"{path} was saved by {trainer_state['world_size']} processes but this run has "
-                f"{self.accelerator.num_processes}; resume with the same number of processes (the data position is "
-                "per rank)"
+        state = read_state(path)
+        if state["world_size"] != accelerator.num_processes:
+            raise CheckpointError(
+                f"{path} was saved by {state['world_size']} processes but this run has {accelerator.num_processes}; "
+                "resume with the same number of processes (the data position is per rank)"
             )
-        self.accelerator.load_state(str(path))
-        data_state = json.loads((path / f"data_state_rank{self.accelerator.process_index}.json").read_text())
-        logger.info("resumed from %s (step %d)", path, trainer_state["step"])
-        return trainer_state, data_state
+        if _sharded(accelerator):
+            accelerator.load_state(str(path / "sharded"))
+        else:
+            load_weights(accelerator.unwrap_model(model), path, state.get("trainable_only", False))
+            inner = getattr(optimizer, "optimizer", optimizer)
+            saved = load_optimizer_state(path, accelerator.device)
+            names = [group.get("name") for group in inner.param_groups]
+            saved_names = [group.get("name") for group in saved["param_groups"]]
+            if names != saved_names:
+                raise CheckpointError(f"{path / 'optimizer.pt'}: parameter groups {saved_names}, this run has {names}")
+            inner.load_state_dict(saved)
+        rank = accelerator.process_index
+        try:
+            set_rng_state(json.loads((path / f"rng_rank{rank}.json").read_text()))
+            data_state = json.loads((path / f"data_state_rank{rank}.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path}: the RNG or data state of rank {rank} is unreadable ({error})") from None
+        logger.info("resumed from %s (step %d)", path, state["step"])
+        return state, data_state
 
 
-__all__ = ["CheckpointManager", "list_checkpoints"]
+__all__ = [
+    "CheckpointError", "CheckpointManager", "UnsafeCheckpointError", "checkpoint_step", "finalize", "list_checkpoints", "load_optimizer_state",
+    "load_weights", "new_run_id", "newest_intact", "prune", "read_run_id", "read_state", "remove_tree", "rng_state",
+    "save_weights", "seal", "set_rng_state", "verify_checkpoint", "write_json", "write_run_id",
+]

@@ -76,7 +76,9 @@ class DataConfig:
     pack: bool = False
     max_regions: int | None = 16
     shuffle_turns: bool = True
-    max_bad_records: int = 100  # training stops with an error after this many skipped records (all ranks)
+    max_bad_records: int | None = 100  # stop once more records than this were skipped (all ranks); None: no count limit
+    max_bad_fraction: float | None = 0.1  # stop once skipped / read exceeds this (all ranks); None: no fraction limit
+    bad_fraction_min_records: int = 200  # records read (all ranks) before the fraction limit applies
     prefetch_steps: int = 2  # steps prepared ahead in a background thread (0: inline)
 
 
@@ -101,7 +103,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 2
-    resume: str | bool = "auto"  # auto: latest checkpoint of run_dir | false | a checkpoint dir
+    resume: str | bool = "auto"  # auto: this run's newest intact checkpoint | false: a new run | a checkpoint dir
+    overwrite: bool = False  # start a new run in a run_dir that holds another run, deleting that run's files
     stop_after_steps: int | None = None  # stop (checkpoint, no export) after this many steps in this invocation
 
 

@@ -62,34 +62,33 @@ def training_summary(config) -> str:
             f"`{config.data.box_format}`; pixel budget {config.data.max_pixels or 'the processor default'}.")
 
 
-def export_model(trainer, out_dir: str | None) -> dict[str, str]:
+def export_model(accelerator, config, model, processor, base_path: str, out_dir: str | None) -> dict[str, str]:
     """Write the final model (collective: every rank calls it). Returns `{"model": dir, "adapter": dir}` on every rank."""
-    accelerator, config = trainer.accelerator, trainer.config
     final = Path(out_dir) if out_dir else Path(config.run_dir) / "final"
-    adapter = Path(config.run_dir) / "adapter"
+    adapter = final.with_name("adapter") if out_dir else Path(config.run_dir) / "adapter"
     written: dict[str, str] = {}
     if not config.lora.enabled or config.lora.export in ("merged", "both"):
         written["model"] = str(final)
     if config.lora.enabled and config.lora.export in ("adapter", "both"):
         written["adapter"] = str(adapter)
-    state_dict = accelerator.get_state_dict(trainer.model)  # gathers ZeRO-3 / FSDP shards on the main process
-    unwrapped = accelerator.unwrap_model(trainer.model)
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards on the main process
+    unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         target = adapter if config.lora.enabled else final
         tmp = _tmp(target)
         unwrapped.save_pretrained(tmp, state_dict=state_dict)
-        trainer.processor.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         _replace(tmp, target)
         if config.lora.enabled and "model" in written:
             dtype = torch.float32 if config.model.quantization else unwrapped.base_model.model.dtype
-            merge_adapter(trainer.base_path, str(adapter), str(final), dtype)
+            merge_adapter(base_path, str(adapter), str(final), dtype)
         if config.lora.enabled and "adapter" not in written:
             shutil.rmtree(adapter)
         if "model" in written:  # PEFT writes its own card into adapter folders
             from ..model_card import write_model_card
 
-            model = unwrapped.base_model.model if config.lora.enabled else unwrapped
-            write_model_card(model, final, f"FineViT-VL ({Path(config.run_dir).name})",
+            card_model = unwrapped.base_model.model if config.lora.enabled else unwrapped
+            write_model_card(card_model, final, f"FineViT-VL ({Path(config.run_dir).name})",
                              "A FineViT-VL checkpoint exported by the FineViT-VL trainer.", training_summary(config))
         for kind, path in written.items():
             logger.info("exported %s to %s", kind, path)
@@ -97,4 +96,52 @@ def export_model(trainer, out_dir: str | None) -> dict[str, str]:
     return written
 
 
-__all__ = ["export_model", "merge_adapter"]
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, str]:
+    """An intermediate checkpoint (or a run folder's newest intact one) -> a Hugging Face folder, as at the end of
+    training: LoRA merged and/or as an adapter per `lora.export`, processor and model card included."""
+    from accelerate import Accelerator
+
+    from .checkpoint import CheckpointError, list_checkpoints, load_weights, newest_intact, verify_checkpoint
+    from .config import load_config
+    from .model import load_model, prepare_trainable
+
+    path = Path(checkpoint).expanduser().resolve()
+    if not (path / "trainer_state.json").exists():
+        newest, skipped = newest_intact(list_checkpoints(path / "checkpoints"))
+        for note in skipped:
+            logger.warning(note)
+        if newest is None:
+            raise CheckpointError(f"{path} is neither a checkpoint nor a run folder with an intact checkpoint")
+        path = newest
+    state = verify_checkpoint(path)
+    config = load_config(path / "run_config.yaml")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, processor, base_path = load_model(config, accelerator)
+    model = prepare_trainable(model, config)
+    load_weights(model, path, state.get("trainable_only", False))
+    logger.info("exporting %s (step %d)", path, state["step"])
+    return export_model(accelerator, config, model, processor, base_path, str(out_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from .checkpoint import CheckpointError
+
+    parser = argparse.ArgumentParser(prog="finevit-vl export", description=export_checkpoint.__doc__.split(":")[0])
+    parser.add_argument("checkpoint", help="run_dir/checkpoints/checkpoint-N, or a run folder (its newest intact one)")
+    parser.add_argument("--out", required=True, help="output folder (LoRA adapters go next to it, in 'adapter')")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        written = export_checkpoint(args.checkpoint, args.out)
+    except (CheckpointError, ValueError) as error:
+        print(f"finevit-vl export: error: {error}", file=sys.stderr)
+        return 2
+    for kind, folder in written.items():
+        print(f"{kind}: {folder}")
+    return 0
+
+
+__all__ = ["export_checkpoint", "export_model", "merge_adapter"]

@@ -86,6 +86,18 @@ class MetricsWriter:
     def __init__(self, accelerator, run_dir: str | os.PathLike) -> None:
         self.accelerator = accelerator
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.lines = 0  # lines written so far, stored in each checkpoint
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first `lines` records: a resumed run drops what was logged after its checkpoint, so every step
+        appears once after any number of interruptions."""
+        self.lines = lines
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        kept = self.path.read_text().splitlines(keepends=True)[:lines]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
 
     def log(self, values: dict, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -93,6 +105,7 @@ class MetricsWriter:
         record = {"step": step, "time": round(time.time(), 3), **values}
         with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
+        self.lines += 1
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.accelerator.trackers:
             self.accelerator.log(numeric, step=step)

@@ -9,6 +9,10 @@ from .config import Config
 from .freeze import module_of
 
 
+def group_lr(module: str, config: Config) -> float:
+    return getattr(config.modules, module).lr or config.optim.lr
+
+
 def param_groups(model: nn.Module, config: Config) -> list[dict]:
     """Trainable parameters grouped by (module, decay): each module gets its own `lr`; biases and norms no decay."""
     groups: dict[tuple[str, bool], dict] = {}
@@ -17,7 +21,7 @@ def param_groups(model: nn.Module, config: Config) -> list[dict]:
             continue
         module = module_of(name)
         decay = parameter.ndim >= 2 and config.optim.weight_decay > 0
-        lr = getattr(config.modules, module).lr or config.optim.lr
+        lr = group_lr(module, config)
         group = groups.setdefault(
             (module, decay),
             {"params": [], "lr": lr, "weight_decay": config.optim.weight_decay if decay else 0.0, "name": f"{module}{'' if decay else '/no_decay'}"},
@@ -46,9 +50,16 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of `config` positioned after `step` optimizer steps.
+
+    On resume the base learning rates come from `config`, not from the optimizer state, so a deliberately changed
+    learning rate (or step budget) takes effect from the next step.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group_lr(group["name"].split("/")[0], config)
     warmup, total, min_ratio = warmup_steps(config), config.train.max_steps, config.optim.min_lr_ratio
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, min_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, min_ratio), last_epoch=step - 1)
 
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
+__all__ = ["build_optimizer", "build_scheduler", "group_lr", "lr_factor", "param_groups"]

@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 from ..data.collator import filler_batch
 from ..data.packing import attention_inputs
 from .checkpoint import CheckpointManager
-from .config import Config
+from .config import Config, config_to_dict
 from .data import Prefetcher, StepBatch, TrainStream
 from .evaluation import HeldOutLoss, run_eval_suite
 from .export import export_model
 from .loss import token_losses
 from .metrics import MetricsWriter, Throughput, module_param_counts, peak_flops_per_device
 from .optim import build_optimizer, build_scheduler
+from .preemption import StopRequest, TrainingInterrupted
 
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class Trainer:
     def __init__(self, config: Config, accelerator, model, processor, base_path: str, stream: TrainStream,
-                 held_out: HeldOutLoss | None) -> None:
+                 held_out: HeldOutLoss | None, run_id: str) -> None:
         self.config = config
         self.accelerator = accelerator
         self.processor = processor
@@ -49,11 +50,11 @@ class Trainer:
         self.vision_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n.split("."))
         self.attn_implementation = model.config.get_text_config()._attn_implementation
         self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model, config))
-        # Stepped by hand once per optimizer step: an Accelerate-prepared scheduler steps once per process.
-        self.scheduler = build_scheduler(getattr(self.optimizer, "optimizer", self.optimizer), config)
-        accelerator.register_for_checkpointing(self.scheduler)
+        # Stepped by hand once per optimizer step (an Accelerate-prepared scheduler steps once per process); not saved:
+        # rebuilt from the config and the step on resume.
+        self.scheduler = build_scheduler(self._inner_optimizer, config)
         self.mask_dtype = MIXED_PRECISION_DTYPES.get(accelerator.mixed_precision, self.vision_dtype)
-        self.checkpoints = CheckpointManager(accelerator, config.run_dir, config.train.keep_last)
+        self.checkpoints = CheckpointManager(accelerator, config.run_dir, config.train.keep_last, run_id)
         self.metrics = MetricsWriter(accelerator, config.run_dir)
         self.filler = filler_batch(processor.tokenizer.pad_token_id, processor.image_processor)
         peak = peak_flops_per_device(config.logging.peak_tflops, self.mask_dtype)
@@ -124,22 +125,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def resume(self) -> None:
-        resume = self.config.train.resume
-        if resume in (False, None, "false", "none"):
+    @property
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def resume(self, checkpoint: str | None) -> None:
+        """Continue from `checkpoint` (chosen by `run_dir.plan_run`), or start at step 0 with a fresh metrics log."""
+        if checkpoint is None:
+            self.metrics.truncate(0)
             return
-        path = self.checkpoints.latest() if resume in (True, "auto") else resume
-        if path is None:
-            return
-        trainer_state, data_state = self.checkpoints.load(path)
+        trainer_state, data_state = self.checkpoints.load(checkpoint, self.model, self.optimizer)
         self.step = trainer_state["step"]
         self.samples_seen = trainer_state["samples_seen"]
         self.tokens_seen = trainer_state["tokens_seen"]
+        self.metrics.truncate(trainer_state["metrics_lines"])
         self.stream.load_state_dict(data_state)
+        self.scheduler = build_scheduler(self._inner_optimizer, self.config, self.step)
 
-    def save_checkpoint(self, data_state: dict) -> None:
-        state = {"samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
-        self.checkpoints.save(self.step, state, data_state)
+    def save_checkpoint(self, data_state: dict) -> str:
+        import yaml
+
+        state = {"samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen, "metrics_lines": self.metrics.lines}
+        config_text = yaml.safe_dump(config_to_dict(self.config), sort_keys=False)
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, self.processor, state, data_state,
+                                     config_text, trainable_only=self.config.lora.enabled)
+        return str(path)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -177,11 +187,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self) -> dict:
-        """Train to `train.max_steps` (or `train.stop_after_steps` more steps); returns what was exported."""
+    def fit(self, checkpoint: str | None = None) -> dict:
+        """Train to `train.max_steps` (or `train.stop_after_steps` more steps) from `checkpoint` or step 0; returns
+        what was exported. SIGTERM / SIGINT finish the step, save a checkpoint and raise `TrainingInterrupted`."""
+        with StopRequest() as stop:
+            return self._fit(checkpoint, stop)
+
+    def _fit(self, checkpoint: str | None, stop: StopRequest) -> dict:
         config, accelerator = self.config, self.accelerator
-        self.resume()
+        self.resume(checkpoint)
         start_step = self.step
+        saved = (self.step, checkpoint)  # the newest checkpoint of this run: (step, path)
+        data_state = self.stream.state_dict()  # taken before the prefetch thread advances the stream
+
+        def interrupt() -> TrainingInterrupted:
+            path = saved[1] if saved[0] == self.step and saved[1] else self.save_checkpoint(data_state)
+            logger.warning("%s: checkpoint %s saved at step %d; resume with the same command", stop.signal_name, path,
+                           self.step)
+            return TrainingInterrupted(stop.signal_name, self.step, path)
+
         if self.step == 0:
             self.evaluate()
         stop_at = config.train.max_steps
@@ -194,6 +218,8 @@ class Trainer:
         window_losses: list[float] = []
         try:
             while self.step < stop_at:
+                if stop.agreed(accelerator):
+                    raise interrupt()
                 started = time.perf_counter()
                 batch = prefetcher.next()
                 fetched = time.perf_counter()
@@ -202,6 +228,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 done = time.perf_counter()
                 self.step += 1
+                data_state = batch.state
                 self.samples_seen += values["samples"]
                 self.tokens_seen += values["tokens"]
                 window_losses.append(values["loss"])
@@ -216,16 +243,19 @@ class Trainer:
                 if config.eval.tasks_every and self.step % config.eval.tasks_every == 0 and self.step < config.train.max_steps:
                     self.evaluate_suite()
                 if self.step % config.train.checkpoint_every == 0 or self.step == stop_at:
-                    self.save_checkpoint(batch.state)
+                    saved = (self.step, self.save_checkpoint(data_state))
         finally:
             prefetcher.close()
             progress.close()
+        if stop.agreed(accelerator):
+            raise interrupt()
         if self.step < config.train.max_steps:
             logger.info("stopped at step %d of %d (train.stop_after_steps); resume with the same command", self.step,
                         config.train.max_steps)
             return {}
         self.evaluate()
-        written = export_model(self, config.export.dir) if config.export.enabled else {}
+        written = (export_model(accelerator, config, self.model, self.processor, self.base_path, config.export.dir)
+                   if config.export.enabled else {})
         if written.get("model"):
             self.evaluate_suite(written["model"])
         return written
