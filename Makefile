@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench setup lint clean
+.PHONY: demo test reliability bench setup lint clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q $(ARGS)
+
+# The fault-injection cases (tests marked @pytest.mark.reliability) and their outcomes, as the table RELIABILITY.md.
+reliability: $(STAMP)
+	FINEVIT_RELIABILITY_REPORT=RELIABILITY.md $(BIN)/python -m pytest tests -q -m reliability $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/finevit-vl bench $(ARGS)

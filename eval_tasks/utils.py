@@ -9,7 +9,8 @@ from finevit_vl.eval import metrics
 
 
 def doc_to_visual(doc):
-    return [doc["image"].convert("RGB")]
+    # Undecoded: the model's image processor is the one decoder (EXIF, transparency on white, 16-bit) for every path.
+    return [doc["image"]]
 
 
 def _wrap(text, lmms_eval_specific_kwargs):

@@ -31,8 +31,13 @@ def check_box_format(box_format: str) -> None:
         raise ValueError(f"Unknown box format {box_format!r}; expected one of {BOX_FORMATS}.")
 
 
+class BoxOutsideImageError(ValueError):
+    """A well-formed box that does not fit its image (its own class so bad-record reports can tell it apart)."""
+
+
 def validate_box(box: Sequence[float], width: int, height: int, where: str = "box") -> None:
-    """Raise ``ValueError`` naming ``where`` if ``box`` is not a valid ``[x1, y1, x2, y2]`` inside a ``width x height`` image."""
+    """Raise ``ValueError`` naming ``where`` if ``box`` is not a valid ``[x1, y1, x2, y2]`` inside a ``width x height`` image
+    (`BoxOutsideImageError` when only the last condition fails)."""
     if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
         raise ValueError(f"{where}: expected [x1, y1, x2, y2] with 4 finite numbers, got {box!r}")
     x1, y1, x2, y2 = box
@@ -40,7 +45,7 @@ def validate_box(box: Sequence[float], width: int, height: int, where: str = "bo
         raise ValueError(f"{where}: box {list(box)} is empty or inverted (need x2 > x1 and y2 > y1)")
     # Half a pixel of slack absorbs rounding in annotation tools.
     if x1 < -0.5 or y1 < -0.5 or x2 > width + 0.5 or y2 > height + 0.5:
-        raise ValueError(f"{where}: box {list(box)} lies outside the {width}x{height} image")
+        raise BoxOutsideImageError(f"{where}: box {list(box)} lies outside the {width}x{height} image")
 
 
 def _scale(value: float, size: int, box_format: str) -> str:
@@ -102,6 +107,7 @@ __all__ = [
     "BOX_FORMATS",
     "BOX_PATTERN",
     "BoxFormat",
+    "BoxOutsideImageError",
     "box_iou",
     "box_to_text",
     "check_box_format",

@@ -205,13 +205,9 @@ def _answers(model, processor, images: list, questions: list[str], batch_size: i
 
 def _parquet_rows(path: Path) -> list[tuple[dict, Any]]:
     """Rows of a benchmark parquet file with their decoded RGB images."""
-    import io
+    from .report import _image, _rows
 
-    from PIL import Image
-
-    from .report import _rows
-
-    return [(row, Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")) for row in _rows(path)]
+    return [(row, _image(row)) for row in _rows(path)]
 
 
 def predict_samples(model, processor, eval_dir: Path, per_task: int = 3) -> list[dict]:

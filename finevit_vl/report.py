@@ -4,7 +4,6 @@ Baselines are scored with the same metric functions the lmms-eval tasks use (`fi
 same held-out parquet files, so a model's score and its baseline are directly comparable.
 """
 
-import io
 import json
 import math
 from collections import Counter
@@ -15,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .boxes import box_iou, normalized_to_pixels
 from .eval import metrics
+from .models.image_processing_finevit import to_rgb_image
 
 
 # task -> (eval parquet relative to the eval dir, headline metric key in lmms-eval results)
@@ -39,9 +39,10 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _image(row: dict) -> Image.Image:
+    """The row's image, decoded as the model sees it (upright, RGB), so boxes and sizes match the evaluation."""
     value = row["image"]
     data = value["bytes"] if isinstance(value, dict) else value
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    return to_rgb_image(data, f"image of row {row.get('question_id', '?')}")
 
 
 def _text_baselines(rows: list[dict], answer_of: Callable[[dict], str], score: Callable[[str, dict], float]) -> dict[str, float]:

@@ -31,7 +31,7 @@ def _get(tree: dict, path: str):
     return tree
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(360)
 def test_quick_benchmarks_write_results(tmp_path):
     names = [name for name in BENCHMARKS if name != "generation" or importlib.util.find_spec("lmms_eval")]
     assert main(["--quick", "--threads", "1", "--out-dir", str(tmp_path), "--only", ",".join(names)]) == 0

@@ -46,14 +46,15 @@ SETTINGS = {
         "width": 384, "depth": 6, "heads": 6, "mlp": 1536, "patch": 14, "image_sizes": IMAGE_SIZES,
         "forward_repeats": 4, "backward_repeats": 2, "dtypes": ["float32", "bfloat16"],
         # efficiency vs the GEMM peak: square images of `peak_side`, at the configuration above and at a wide preset
-        "peak_side": 448, "peak_images": 8, "peak_repeats": 4,
+        "peak_side": 448, "peak_images": 8, "peak_repeats": 4, "gemm_size": 2048,
         "wide": {"preset": "finevit-0.86b", "depth": 2, "images": 1},
     },
     "quick": {
         "width": 64, "depth": 2, "heads": 2, "mlp": 256, "patch": 14,
         "image_sizes": [(224, 224), (112, 168), (168, 112)],
         "forward_repeats": 2, "backward_repeats": 1, "dtypes": ["float32", "bfloat16"],
-        "peak_side": 112, "peak_images": 2, "peak_repeats": 2,
+        # A small GEMM: on CPUs without native bf16 a 2048^3 bf16 matmul alone takes tens of seconds.
+        "peak_side": 112, "peak_images": 2, "peak_repeats": 2, "gemm_size": 512,
         "wide": {"preset": "finevit-tiny", "depth": 1, "images": 1},
     },
 }
@@ -180,7 +181,7 @@ def profile_tables(settings: dict, plan: dict[str, list[str]], rows: int = 12) -
 def _dtype_block(models, inputs, dtype, s, flops) -> tuple[dict, dict]:
     """Forward and forward+backward timings of every model in `dtype`, each interleaved with the GEMM peak."""
     num_images, num_tokens = len(inputs["lengths"]), sum(inputs["lengths"])
-    gemm, gemm_flops = gemm_variant(dtype)
+    gemm, gemm_flops = gemm_variant(dtype, s["gemm_size"])
     block: dict = {}
     forward = time_interleaved(
         {**{name: forward_fn(name, model, inputs, dtype) for name, model in models.items()}, "gemm": gemm},
@@ -213,7 +214,7 @@ def _peak_block(model: nn.Module, s: dict, dtype: torch.dtype, num_images: int) 
     images = [synthetic_image(s["peak_side"], s["peak_side"], seed=i) for i in range(num_images)]
     inputs = make_inputs(images, s["patch"])
     flops = forward_flops(FINEVIT, model, inputs["lengths"])
-    gemm, gemm_flops = gemm_variant(dtype)
+    gemm, gemm_flops = gemm_variant(dtype, s["gemm_size"])
     samples = time_interleaved({"finevit": forward_fn(FINEVIT, model, inputs, dtype), "gemm": gemm},
                                repeats=s["peak_repeats"])
     return {

@@ -34,6 +34,10 @@ from .schema import BadRecordError, Record, record_location
 IGNORE_INDEX = -100
 
 
+class SampleTooLongError(ValueError):
+    """A sample over ``max_length`` after image expansion (its own class: a trainer remembers and skips such records)."""
+
+
 @dataclass
 class EncodedSample:
     """One tokenized sample.
@@ -111,8 +115,8 @@ class SampleEncoder:
         """Tokenize one conversation; `images` pair in order with its `{"type": "image"}` items.
 
         Raises:
-            `ValueError` if the template renders no assistant tokens, the image count does not match, or the
-            expanded sequence exceeds `max_length`.
+            `ValueError` if the template renders no assistant tokens or the image count does not match;
+            `SampleTooLongError` (a `ValueError`) if the expanded sequence exceeds `max_length`.
         """
         images = list(images or [])
         rendered, generation_indices = render_jinja_template(
@@ -143,7 +147,7 @@ class SampleEncoder:
             counts = (image_grid_thw.prod(-1) // self.image_processor.merge_size**2).tolist()
         length = len(ids) + sum(counts) - len(counts)
         if length > self.max_length:
-            raise ValueError(
+            raise SampleTooLongError(
                 f"sample is {length} tokens after image expansion ({sum(counts)} image tokens), over max_length "
                 f"{self.max_length}; skipped, not truncated (raise data.max_length or lower data.max_pixels)"
             )
@@ -167,7 +171,7 @@ class SampleEncoder:
 
     def encode_record(self, record: Record, location: str, epoch: int = 0) -> EncodedSample:
         """Open, validate, render and tokenize one record; every problem raises `BadRecordError` naming `location`."""
-        images = load_record_images(record, location)
+        images = load_record_images(record, location, self.processor.image_processor.max_image_pixels)
         where = record_location(record, location)
         # Seeded by the record's id (else its file name and line), never by the absolute path: the same data in
         # another folder must give the same samples.
@@ -179,7 +183,8 @@ class SampleEncoder:
             )
             sample = self.encode_messages(messages, images)
         except ValueError as err:  # too long, image processor refusal (aspect ratio), template mismatch, ...
-            raise BadRecordError(where, str(err)) from None
+            kind = "too long" if isinstance(err, SampleTooLongError) else "cannot encode"
+            raise BadRecordError(where, str(err), kind) from None
         sample.location = where
         return sample
 
@@ -248,4 +253,12 @@ def filler_batch(pad_token_id: int, image_processor) -> dict[str, torch.Tensor]:
     return collate_rows([[EncodedSample(pads, torch.full_like(pads, IGNORE_INDEX))]], pad_token_id, image_processor)
 
 
-__all__ = ["IGNORE_INDEX", "EncodedSample", "SampleEncoder", "collate_rows", "dummy_image", "filler_batch"]
+__all__ = [
+    "IGNORE_INDEX",
+    "EncodedSample",
+    "SampleEncoder",
+    "SampleTooLongError",
+    "collate_rows",
+    "dummy_image",
+    "filler_batch",
+]

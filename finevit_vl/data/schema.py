@@ -24,19 +24,21 @@ Rules a reader needs:
   user / assistant, starting with user and ending with assistant.
 * Only a ``conversation`` may have no image.
 * Keys starting with ``_`` are transient: sources attach them while streaming and they are never written back.
-  ``_error`` (a line/sample that could not be parsed), ``_image_root`` (folder that relative image paths resolve
-  against) and ``_image_bytes`` (encoded images aligned with ``record["image"]``; ``None`` entries are read from disk).
+  ``_error`` (a line/sample that could not be parsed) with its ``_error_kind`` (a `BAD_RECORD_KINDS` entry),
+  ``_image_root`` (folder that relative image paths resolve against) and ``_image_bytes`` (encoded images aligned with
+  ``record["image"]``; ``None`` entries are read from disk).
 
 Every problem with one record surfaces as `BadRecordError` (a ``ValueError``) from `validate_record` or
 `finevit_vl.data.images.load_record_images`, never from inside a source's iteration, so a trainer can catch, count
-and skip bad records without ending the stream.
+and skip bad records without ending the stream. Its ``kind`` (one of `BAD_RECORD_KINDS`) groups the skipped records
+of a run by cause.
 """
 
 import math
 from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
 
-from ..boxes import validate_box
+from ..boxes import BoxOutsideImageError, validate_box
 
 
 TASKS: tuple[str, ...] = ("caption", "region", "ocr", "grounding", "conversation")
@@ -108,13 +110,43 @@ class Record(TypedDict, total=False):
     meta: dict[str, Any]
 
 
-class BadRecordError(ValueError):
-    """A single record is unusable; ``location`` says where it is (``file.jsonl:17 (id=abc)``), ``reason`` what is wrong."""
+# Causes of bad records, the categories of a run's bad-record summary.
+BAD_RECORD_KINDS: tuple[str, ...] = (
+    "malformed JSON",  # a line / sample that is not one JSON object
+    "incomplete sample",  # a WebDataset sample without its .json or a named image
+    "schema",  # a field missing, of the wrong type or inconsistent
+    "box outside image",
+    "image not found",
+    "cannot decode image",
+    "decompression bomb",  # more pixels than the decoder accepts
+    "size mismatch",  # width/height in the record differ from the image
+    "too long",  # over max_length after image expansion
+    "cannot encode",  # refused by the image processor or the chat template
+    "other",
+)
+# Raise sites that name no kind are classified by how their reason starts.
+_KIND_BY_PREFIX: tuple[tuple[str, str], ...] = (
+    ("malformed JSON", "malformed JSON"),
+    ("not UTF-8", "malformed JSON"),
+    ("image file not found", "image not found"),
+    ("cannot decode image", "cannot decode image"),
+    ("empty image", "cannot decode image"),
+    ("refused as a possible decompression bomb", "decompression bomb"),
+    ("record says", "size mismatch"),
+)
 
-    def __init__(self, location: str, reason: str) -> None:
+
+class BadRecordError(ValueError):
+    """A single record is unusable; ``location`` says where it is (``file.jsonl:17 (id=abc)``), ``reason`` what is
+    wrong and ``kind`` (one of `BAD_RECORD_KINDS`) why, in one word; when not given it is derived from ``reason``."""
+
+    def __init__(self, location: str, reason: str, kind: str | None = None) -> None:
         super().__init__(f"{location}: {reason}")
         self.location = location
         self.reason = reason
+        if kind is None:
+            kind = next((k for prefix, k in _KIND_BY_PREFIX if reason.startswith(prefix)), "other")
+        self.kind = kind
 
 
 def record_images(record: Record) -> list[str]:
@@ -145,14 +177,16 @@ def validate_record(record: Record, where: str) -> None:
     `load_record_images`), otherwise only for shape and order.
     """
     if not isinstance(record, dict):
-        raise BadRecordError(where, f"expected a JSON object, got {type(record).__name__}")
+        raise BadRecordError(where, f"expected a JSON object, got {type(record).__name__}", "malformed JSON")
     location = record_location(record, where)
     if "_error" in record:
-        raise BadRecordError(location, record["_error"])
+        raise BadRecordError(location, record["_error"], record.get("_error_kind"))
     try:
         _check_record(record)
+    except BoxOutsideImageError as err:
+        raise BadRecordError(location, str(err), "box outside image") from None
     except (TypeError, ValueError) as err:  # a wrong type or value: either way the record is bad
-        raise BadRecordError(location, str(err)) from None
+        raise BadRecordError(location, str(err), "schema") from None
 
 
 def _check_record(record: Record) -> None:
@@ -213,7 +247,7 @@ def _check_box(box: Any, where: str, size: tuple[int, int] | None) -> None:
         raise TypeError(f"{where}: expected [x1, y1, x2, y2], got {box!r}")
     numbers = len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
     if size is None and numbers and min(box) < -0.5:
-        raise ValueError(f"{where}: box {list(box)} has negative coordinates (boxes are pixels of the image)")
+        raise BoxOutsideImageError(f"{where}: box {list(box)} has negative coordinates (boxes are pixels of the image)")
     # Without a size (image not opened yet) only shape and order are checked; the far edges are checked later.
     width, height = size if size is not None else (math.inf, math.inf)
     validate_box(box, width, height, where)
@@ -277,6 +311,7 @@ def _check_conversation(record: Record, num_images: int, size: tuple[int, int] |
 
 
 __all__ = [
+    "BAD_RECORD_KINDS",
     "BOX_MARKER",
     "IMAGE_MARKER",
     "TASKS",

@@ -3,7 +3,7 @@
 Every source is an iterable of ``(record, location)`` pairs; ``location`` is what a human needs to find the record
 (``data/train.jsonl:17``, ``shards/shard-00003.tar:sample_042``, ``data/x.parquet[train]:9``). Sources do not open
 images and never raise for a single bad record: a line or sample that cannot be parsed comes out as
-``{"_error": reason}`` so the consumer's one ``except BadRecordError`` (raised by
+``{"_error": reason, "_error_kind": kind}`` so the consumer's one ``except BadRecordError`` (raised by
 `finevit_vl.data.images.load_record_images`) catches it and the stream goes on. A typical consumer::
 
     for record, location in source:
@@ -101,16 +101,21 @@ class RecordSource(ABC):
         self._position, self._epoch = state["position"], state["epoch"]
 
 
+def _unusable(reason: str, kind: str, **keys: Any) -> Record:
+    """The marker of a line / sample that cannot become a record (raised as `BadRecordError` by `validate_record`)."""
+    return {**keys, "_error": reason, "_error_kind": kind}
+
+
 def _parse_json(data: bytes, location: str) -> Record:
     """One JSON object, or an ``_error`` marker saying why it is not one."""
     try:
         record = json.loads(data)
     except UnicodeDecodeError as err:
-        return {"_error": f"not UTF-8 text ({err.reason} at byte {err.start})"}
+        return _unusable(f"not UTF-8 text ({err.reason} at byte {err.start})", "malformed JSON")
     except json.JSONDecodeError as err:
-        return {"_error": f"malformed JSON ({err.msg} at column {err.colno})"}
+        return _unusable(f"malformed JSON ({err.msg} at column {err.colno})", "malformed JSON")
     if not isinstance(record, dict):
-        return {"_error": f"expected a JSON object, got {type(record).__name__}"}
+        return _unusable(f"expected a JSON object, got {type(record).__name__}", "malformed JSON")
     return record
 
 
@@ -199,7 +204,7 @@ class WebDatasetSource(RecordSource):
 
 def _sample_to_record(key: str, data: dict[str, bytes], location: str) -> Record:
     if "json" not in data:
-        return {"_error": f"sample has no .json member (found extensions {sorted(data)})"}
+        return _unusable(f"sample has no .json member (found extensions {sorted(data)})", "incomplete sample")
     record = _parse_json(data["json"], location)
     if "_error" in record:
         return record
@@ -217,7 +222,8 @@ def _sample_to_record(key: str, data: dict[str, bytes], location: str) -> Record
         names = [named] if isinstance(named, str) else named
         unknown = [name for name in names if not isinstance(name, str) or name not in lookup]
         if unknown:
-            return {"id": record["id"], "_error": f"image(s) {unknown} not in the sample (its images: {images})"}
+            reason = f"image(s) {unknown} not in the sample (its images: {images})"
+            return _unusable(reason, "incomplete sample", id=record["id"])
         extensions = [lookup[name] for name in names]
     record["_image_bytes"] = [data[ext] for ext in extensions]
     return record

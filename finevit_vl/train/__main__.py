@@ -82,7 +82,7 @@ def run(config) -> dict:
     from ..data import build_source
     from ..data.collator import SampleEncoder
     from .config import config_to_dict, save_config
-    from .data import BadRecordLog, TrainStream
+    from .data import BadRecordLimit, BadRecordLog, TrainStream
     from .evaluation import HeldOutLoss, load_eval_samples
     from .run_dir import apply_plan
     from .freeze import format_report, trainable_report
@@ -119,6 +119,7 @@ def run(config) -> dict:
     stream = TrainStream(
         build_source(config.data.train).shard(rank, world), encoder, config.train.global_batch_size // world,
         config.train.micro_batch_size, config.data.pack, processor.tokenizer.pad_token_id, bad_records,
+        BadRecordLimit.from_config(config.data, bad_records.path),
     )
     held_out = None
     if config.data.eval is not None:

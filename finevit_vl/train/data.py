@@ -6,71 +6,227 @@ processes with one see the same global batch. The share is split into rows (one 
 `max_length` tokens) and the rows into micro-batches of `micro_batch_size`.
 
 Bad records (undecodable or missing image, box outside the image, too long after image expansion, schema errors)
-are skipped, logged with their location, written to `run_dir/bad_records.jsonl` and counted; the trainer stops when
-the count over all ranks passes `max_bad_records`.
+are skipped, logged with their location, written to `run_dir/bad_records.jsonl` and counted by `BadRecordLog`. The
+`BadRecordLimit` (`data.max_bad_records`, `data.max_bad_fraction`) is checked after every record on each rank: once
+exceeded, the stream stops reading and hands out a `StepBatch` with `stop_reason` set instead of raising, because the
+other ranks would hang in the step's collectives; the trainer reduces the flag and the counts over ranks and stops
+all of them together (with N ranks the limit is checked per rank after every record and over all ranks each step).
+At the end of a run `BadRecordLog.summary()` (merged over ranks with `merge_summaries`) gives the skipped records by
+reason with example locations, written by `write_bad_record_summary`. Records found too long are remembered and
+skipped in later passes without being decoded or tokenized again.
 
-The stream's position (the source cursor and the pass number) is snapshotted after each step, so a checkpoint
-resumes with exactly the next record. A background thread can prepare the next steps while the model trains.
+The stream's position (the source cursor, the pass number, the counts and the records known to be too long) is
+snapshotted after each step, so a checkpoint resumes with exactly the next record and the same counts. A background
+thread can prepare the next steps while the model trains.
 """
 
 import json
 import logging
 import os
 import queue
+import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..data import BadRecordError
-from ..data.collator import SampleEncoder, collate_rows
+from ..data.collator import EncodedSample, SampleEncoder, collate_rows
 from ..data.packing import pack_rows
 from .loss import num_targets
 
 
 logger = logging.getLogger(__name__)
 
+REASON_CHARS = 500  # a reason may quote a record's value (a huge list, say): keep logs and states small
+SUMMARY_EXAMPLES = 3  # example locations per reason in the summary
+SUMMARY_FILE = "bad_records_summary.json"
+
+
+class BadRecordLimit:
+    """When skipped records end a run: more than `max_count` distinct bad records, or more than `max_fraction` of
+    the records read skipped once at least `min_records` were read. `None` disables either limit.
+
+    The count is of distinct records (one met again in a later pass counts once); the fraction is of every record
+    taken from the source, repeats included, so it stays the fraction of bad data however many passes a run makes.
+    Each rank's stream checks its own counts after every record (so one process stops exactly one record over the
+    limit); the trainer checks the counts summed over ranks once per step, so with N ranks the global count can pass
+    the limit by the records the other ranks read within that step.
+    """
+
+    def __init__(self, max_count: int | None = 100, max_fraction: float | None = 0.1, min_records: int = 200,
+                 log_path: str | os.PathLike | None = None) -> None:
+        if max_count is not None and max_count < 0:
+            raise ValueError(f"data.max_bad_records must be >= 0 or null, got {max_count}")
+        if max_fraction is not None and not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1] or null, got {max_fraction}")
+        if min_records < 0:
+            raise ValueError(f"data.bad_fraction_min_records must be >= 0, got {min_records}")
+        self.max_count = max_count
+        self.max_fraction = max_fraction
+        self.min_records = min_records
+        self.log_path = log_path
+
+    @classmethod
+    def from_config(cls, data_config, log_path: str | os.PathLike | None = None) -> "BadRecordLimit":
+        """From a `DataConfig` (`max_bad_records`, `max_bad_fraction`, `bad_fraction_min_records`)."""
+        return cls(data_config.max_bad_records, data_config.max_bad_fraction, data_config.bad_fraction_min_records,
+                   log_path)
+
+    def exceeded(self, bad_records: int, records_skipped: int, records_read: int) -> str | None:
+        """Why the run must stop with these counts (naming the numbers, the limit and the log), or `None`."""
+        see = f"see {self.log_path or 'bad_records.jsonl'} for the locations and reasons"
+        if self.max_count is not None and bad_records > self.max_count:
+            return f"{bad_records} bad records skipped, over data.max_bad_records={self.max_count}; {see}"
+        if (self.max_fraction is not None and records_read >= max(self.min_records, 1)
+                and records_skipped > self.max_fraction * records_read):
+            return (
+                f"{records_skipped} of {records_read} records read were skipped ({records_skipped / records_read:.1%}), "
+                f"over data.max_bad_fraction={self.max_fraction:g} (checked once data.bad_fraction_min_records="
+                f"{self.min_records} records are read); {see}"
+            )
+        return None
+
 
 class BadRecordLog:
-    """Counts skipped records and appends one JSON line per record to `path` (shared by all ranks, O_APPEND).
+    """This rank's ledger of records read and skipped; appends one JSON line per distinct bad record to `path`
+    (shared by all ranks, O_APPEND).
 
-    A record is reported once: meeting it again in a later pass over the data neither logs nor counts it again, so a
-    few bad records cannot add up to `max_bad_records` over a long multi-epoch run.
+    A record is reported once: meeting it again in a later pass over the data neither logs it nor counts it as
+    another bad record (`count`), though it counts as skipped (`records_skipped`) for the fraction.
     """
 
     def __init__(self, path: str | os.PathLike | None, rank: int = 0) -> None:
         self.path = None if path is None else Path(path)
         self.rank = rank
-        self.locations: set[str] = set()
+        self.records_read = 0  # taken from the source, every pass
+        self.records_skipped = 0  # of those, skipped as bad
+        self.records: dict[str, tuple[str, str]] = {}  # "split:location" -> (kind, reason), in the order met
 
     @property
     def count(self) -> int:
-        return len(self.locations)
+        """Distinct bad records."""
+        return len(self.records)
 
     def add(self, error: BadRecordError, split: str = "train") -> None:
+        self.records_skipped += 1
         key = f"{split}:{error.location}"
-        if key in self.locations:
+        if key in self.records:
             return
-        self.locations.add(key)
-        logger.warning("skipping bad %s record %s: %s", split, error.location, error.reason)
+        reason = error.reason if len(error.reason) <= REASON_CHARS else error.reason[:REASON_CHARS] + "..."
+        self.records[key] = (error.kind, reason)
+        logger.warning("skipping bad %s record %s: %s", split, error.location, reason)
         if self.path is not None:
-            line = json.dumps({"split": split, "location": error.location, "reason": error.reason, "rank": self.rank}) + "\n"
+            entry = {"split": split, "location": error.location, "kind": error.kind, "reason": reason, "rank": self.rank}
             # One write() per line on an O_APPEND descriptor: lines of concurrent ranks never interleave.
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line.encode())
+                os.write(fd, (json.dumps(entry) + "\n").encode())
             finally:
                 os.close(fd)
 
-    def state_dict(self) -> list[str]:
-        return sorted(self.locations)
+    def summary(self) -> dict:
+        """This rank's skipped records by reason; see `summarize_bad_records`."""
+        return summarize_bad_records(self.state_dict())
 
-    def load_state_dict(self, state: list[str]) -> None:
-        self.locations = set(state)
+    def state_dict(self) -> dict:
+        return {
+            "records_read": self.records_read,
+            "records_skipped": self.records_skipped,
+            "bad_locations": {key: list(value) for key, value in self.records.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """From `state_dict()` (or a `TrainStream` state, which includes it)."""
+        locations = state["bad_locations"]
+        if isinstance(locations, list):  # checkpoints before counts and reasons were kept
+            locations = dict.fromkeys(locations, ("other", ""))
+        self.records = {key: (kind, reason) for key, (kind, reason) in locations.items()}
+        self.records_read = state.get("records_read", 0)
+        self.records_skipped = state.get("records_skipped", len(self.records))
+
+
+def _finish_summary(records_read: int, records_skipped: int, by_reason: dict[str, dict]) -> dict:
+    ordered = dict(sorted(by_reason.items(), key=lambda item: (-item[1]["count"], item[0])))
+    return {
+        "records_read": records_read,
+        "records_skipped": records_skipped,
+        "bad_records": sum(entry["count"] for entry in ordered.values()),
+        "skipped_fraction": records_skipped / records_read if records_read else None,
+        "by_reason": ordered,
+    }
+
+
+def summarize_bad_records(state: dict) -> dict:
+    """Skipped records by reason from a `BadRecordLog` or `TrainStream` state (a `StepBatch.state` gives the exact
+    counts at that step, while the prefetcher may have read further).
+
+    Returns `{"records_read", "records_skipped", "bad_records" (distinct), "skipped_fraction", "by_reason":
+    {kind: {"count", "examples": [{"location", "reason"}, ...]}}}`, most frequent reason first.
+    """
+    by_reason: dict[str, dict] = {}
+    locations = state["bad_locations"]
+    items = locations.items() if isinstance(locations, dict) else ((key, ("other", "")) for key in locations)
+    for key, (kind, reason) in items:
+        entry = by_reason.setdefault(kind, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < SUMMARY_EXAMPLES:
+            entry["examples"].append({"location": key.partition(":")[2], "reason": reason})
+    return _finish_summary(state.get("records_read", 0), state.get("records_skipped", 0), by_reason)
+
+
+def merge_summaries(summaries: Iterable[dict]) -> dict:
+    """One summary from those of several ranks (e.g. `accelerate.utils.gather_object([summary])`); ranks read
+    disjoint records, so the counts add up."""
+    summaries = list(summaries)
+    by_reason: dict[str, dict] = {}
+    for summary in summaries:
+        for kind, entry in summary["by_reason"].items():
+            merged = by_reason.setdefault(kind, {"count": 0, "examples": []})
+            merged["count"] += entry["count"]
+            merged["examples"] = (merged["examples"] + entry["examples"])[:SUMMARY_EXAMPLES]
+    return _finish_summary(sum(s["records_read"] for s in summaries), sum(s["records_skipped"] for s in summaries),
+                           by_reason)
+
+
+def format_bad_record_summary(summary: dict) -> str:
+    """A few lines for the log: the totals, then one row per reason with its example locations."""
+    read, skipped = summary["records_read"], summary["records_skipped"]
+    if not summary["by_reason"]:
+        return f"bad records: none among {read} records read"
+    fraction = f" ({summary['skipped_fraction']:.1%})" if summary["skipped_fraction"] is not None else ""
+    lines = [f"bad records: {summary['bad_records']} distinct, {skipped} of {read} records read skipped{fraction}",
+             f"  {'reason':<20} {'records':>7}  examples"]
+    for kind, entry in summary["by_reason"].items():
+        examples = ", ".join(example["location"] for example in entry["examples"])
+        more = ", ..." if entry["count"] > len(entry["examples"]) else ""
+        lines.append(f"  {kind:<20} {entry['count']:>7}  {examples}{more}")
+    return "\n".join(lines)
+
+
+def write_bad_record_summary(summaries: dict | Iterable[dict], run_dir: str | os.PathLike) -> dict:
+    """Merge the ranks' summaries, write `run_dir/bad_records_summary.json` (atomically) and log the table; returns
+    the merged summary. Call it on one process."""
+    summary = summaries if isinstance(summaries, dict) else merge_summaries(summaries)
+    run_dir = Path(run_dir)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{SUMMARY_FILE}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as file:
+        json.dump(summary, file, indent=2)
+        file.write("\n")
+    os.replace(tmp, run_dir / SUMMARY_FILE)
+    log = logger.warning if summary["by_reason"] else logger.info
+    log("%s\n  (written to %s)", format_bad_record_summary(summary), run_dir / SUMMARY_FILE)
+    return summary
 
 
 @dataclass
 class StepBatch:
-    """What one rank feeds to one optimizer step."""
+    """What one rank feeds to one optimizer step.
+
+    `stop_reason` is set (and the batch empty) once the bad-record limit is exceeded or the shard yields no usable
+    record: the trainer must stop every rank, not train on it.
+    """
 
     micro_batches: list[dict]
     num_samples: int
@@ -79,11 +235,15 @@ class StepBatch:
     num_slots: int  # all token slots including padding
     num_images: int
     num_patches: int
-    state: dict = field(default_factory=dict)  # stream position after this step
+    state: dict = field(default_factory=dict)  # stream position and bad-record counts after this step
+    stop_reason: str | None = None
 
 
 class TrainStream:
-    """Endless per-rank stream of `StepBatch`es over a sharded, resumable record source."""
+    """Endless per-rank stream of `StepBatch`es over a sharded, resumable record source.
+
+    `limit` (default: none) is checked after every record read; see the module docstring.
+    """
 
     def __init__(
         self,
@@ -94,6 +254,7 @@ class TrainStream:
         pack: bool,
         pad_token_id: int,
         bad_records: BadRecordLog,
+        limit: BadRecordLimit | None = None,
     ) -> None:
         self.source = source
         self.encoder = encoder
@@ -102,12 +263,17 @@ class TrainStream:
         self.pack = pack
         self.pad_token_id = pad_token_id
         self.bad_records = bad_records
+        self.limit = limit or BadRecordLimit(None, None)
         self.passes = 0
+        self.too_long: set[str] = set()  # source locations of records over max_length
+        self.stop_reason: str | None = None
         self._iterator = None
         self._usable_in_pass = False
         self._empty_passes = 0
 
-    def _next_sample(self):
+    def _next_sample(self) -> EncodedSample | None:
+        """The next usable sample, or `None` once the stream must stop (`stop_reason` says why)."""
+        log = self.bad_records
         while True:
             if self._iterator is None:
                 self._iterator = iter(self.source)
@@ -120,18 +286,37 @@ class TrainStream:
                 # Two passes in a row without a usable record (one may be the tail of a resumed pass): give up.
                 self._empty_passes = 0 if self._usable_in_pass else self._empty_passes + 1
                 if self._empty_passes >= 2:
-                    raise ValueError(f"data.train ({self.source!r}) yields no usable record on this rank; see bad_records.jsonl") from None
+                    self.stop_reason = (f"data.train ({self.source!r}) yields no usable record on this rank; see "
+                                        f"{log.path or 'bad_records.jsonl'}")
+                    return None
                 continue
-            try:
-                sample = self.encoder.encode_record(record, location, epoch=self.passes)
-            except BadRecordError as error:
-                self.bad_records.add(error)
-                continue
-            self._usable_in_pass = True
-            return sample
+            log.records_read += 1
+            sample = None
+            if location in self.too_long:
+                log.records_skipped += 1  # reported when first met; neither decoded nor tokenized again
+            else:
+                try:
+                    sample = self.encoder.encode_record(record, location, epoch=self.passes)
+                except BadRecordError as error:
+                    log.add(error)
+                    if error.kind == "too long":
+                        self.too_long.add(location)
+            self.stop_reason = self.limit.exceeded(log.count, log.records_skipped, log.records_read)
+            if self.stop_reason is not None:
+                return None
+            if sample is not None:
+                self._usable_in_pass = True
+                return sample
 
     def next_step(self) -> StepBatch:
-        samples = [self._next_sample() for _ in range(self.samples_per_step)]
+        samples: list[EncodedSample] = []
+        while self.stop_reason is None and len(samples) < self.samples_per_step:
+            sample = self._next_sample()
+            if sample is not None:
+                samples.append(sample)
+        if self.stop_reason is not None:
+            # Never raise here: the other ranks would wait forever in this step's collectives.
+            return StepBatch([], 0, 0, 0, 0, 0, 0, state=self.state_dict(), stop_reason=self.stop_reason)
         if self.pack:
             rows = [[samples[i] for i in row] for row in pack_rows([s.length for s in samples], self.encoder.max_length)]
         else:
@@ -152,14 +337,23 @@ class TrainStream:
             state=self.state_dict(),
         )
 
-    def state_dict(self) -> dict:
-        bad = self.bad_records.state_dict()
-        return {"source": self.source.state_dict(), "passes": self.passes, "bad_records": len(bad), "bad_locations": bad}
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: the source cursor, the pass, `bad_records` (distinct, for the trainer's check),
+        `records_read`, `records_skipped`, `bad_locations` ({location: [kind, reason]}) and `too_long`."""
+        return {
+            "source": self.source.state_dict(),
+            "passes": self.passes,
+            "bad_records": self.bad_records.count,
+            **self.bad_records.state_dict(),
+            "too_long": sorted(self.too_long),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.source.load_state_dict(state["source"])
         self.passes = state["passes"]
-        self.bad_records.load_state_dict(state["bad_locations"])
+        self.bad_records.load_state_dict(state)
+        self.too_long = set(state.get("too_long", ()))
+        self.stop_reason = None  # a resumed run checks again, under its own limit
         self._iterator = None
 
 
@@ -168,7 +362,8 @@ class Prefetcher:
     tokenization and collation overlap with training.
 
     Steps come out in order with the stream state snapshotted at each, so checkpoints stay exact. Errors raised in
-    the thread are re-raised by `next()`. `depth=0` prepares each step inline.
+    the thread are re-raised by `next()`; after a step with `stop_reason` the thread ends and `next()` returns that
+    step again. `depth=0` prepares each step inline.
     """
 
     def __init__(self, stream: TrainStream, depth: int, num_steps: int) -> None:
@@ -177,6 +372,7 @@ class Prefetcher:
         self.num_steps = num_steps
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
+        self._stopped: StepBatch | None = None
         self._thread = None
         if depth > 0:
             self._thread = threading.Thread(target=self._run, name="finevit-vl-prefetch", daemon=True)
@@ -194,15 +390,21 @@ class Prefetcher:
                         break
                     except queue.Full:
                         continue
+                if item.stop_reason is not None:  # the stream reads no further
+                    return
         except BaseException as error:  # noqa: BLE001 - handed to the consumer
             self._queue.put(error)
 
     def next(self) -> StepBatch:
         if self._thread is None:
-            return self.stream.next_step()
+            return self.stream.next_step()  # a stopped stream keeps handing out its stop
+        if self._stopped is not None:
+            return self._stopped
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
+        if item.stop_reason is not None:
+            self._stopped = item  # the thread has ended: hand the same stop out again
         return item
 
     def close(self) -> None:
@@ -211,4 +413,14 @@ class Prefetcher:
             self._thread.join(timeout=5)
 
 
-__all__ = ["BadRecordLog", "Prefetcher", "StepBatch", "TrainStream"]
+__all__ = [
+    "BadRecordLimit",
+    "BadRecordLog",
+    "Prefetcher",
+    "StepBatch",
+    "TrainStream",
+    "format_bad_record_summary",
+    "merge_summaries",
+    "summarize_bad_records",
+    "write_bad_record_summary",
+]

@@ -83,17 +83,24 @@ class Trainer:
 
     def train_step(self, batch: StepBatch) -> dict:
         accelerator = self.accelerator
+        state = batch.state
         local = torch.tensor(
             [batch.num_targets, batch.num_tokens, batch.num_slots, batch.num_images, batch.num_patches,
-             batch.num_samples, batch.state["bad_records"]], dtype=torch.float64, device=accelerator.device,
+             batch.num_samples, state["bad_records"], state["records_skipped"], state["records_read"],
+             batch.stop_reason is not None], dtype=torch.float64, device=accelerator.device,
         )
         totals = accelerator.reduce(local, reduction="sum").tolist()
-        targets, bad_records = max(totals[0], 1.0), int(totals[6])
-        if bad_records > self.config.data.max_bad_records:
-            raise RuntimeError(
-                f"{bad_records} bad records skipped so far (data.max_bad_records={self.config.data.max_bad_records}); "
-                f"see {self.config.run_dir}/bad_records.jsonl for the locations and reasons"
-            )
+        targets = max(totals[0], 1.0)
+        bad_records, skipped, read, stopped = (int(v) for v in totals[6:10])
+        # Each rank checks its own counts after every record; this is the check over all ranks. Every rank takes the
+        # branch in the same step, so the collectives in it line up.
+        reason = self.stream.limit.exceeded(bad_records, skipped, read) if self.stream.limit else None
+        if stopped or reason:
+            from accelerate.utils import gather_object
+
+            reasons = [r for r in gather_object([batch.stop_reason]) if r]
+            self.report_bad_records(state)
+            raise ValueError(reason or reasons[0])
         num_micro = int(accelerator.reduce(torch.tensor(len(batch.micro_batches), device=accelerator.device), reduction="max"))
         loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for index in range(num_micro):
@@ -141,6 +148,16 @@ class Trainer:
         self.metrics.truncate(trainer_state["metrics_lines"])
         self.stream.load_state_dict(data_state)
         self.scheduler = build_scheduler(self._inner_optimizer, self.config, self.step)
+
+    def report_bad_records(self, data_state: dict) -> None:
+        """The skipped-record summary over all ranks (a collective): logged and written to the run folder."""
+        from accelerate.utils import gather_object
+
+        from .data import summarize_bad_records, write_bad_record_summary
+
+        summaries = gather_object([summarize_bad_records(data_state)])
+        if self.accelerator.is_main_process:
+            write_bad_record_summary(summaries, self.config.run_dir)
 
     def save_checkpoint(self, data_state: dict) -> str:
         import yaml
@@ -201,6 +218,7 @@ class Trainer:
         data_state = self.stream.state_dict()  # taken before the prefetch thread advances the stream
 
         def interrupt() -> TrainingInterrupted:
+            self.report_bad_records(data_state)
             path = saved[1] if saved[0] == self.step and saved[1] else self.save_checkpoint(data_state)
             logger.warning("%s: checkpoint %s saved at step %d; resume with the same command", stop.signal_name, path,
                            self.step)
@@ -249,6 +267,7 @@ class Trainer:
             progress.close()
         if stop.agreed(accelerator):
             raise interrupt()
+        self.report_bad_records(data_state)
         if self.step < config.train.max_steps:
             logger.info("stopped at step %d of %d (train.stop_after_steps); resume with the same command", self.step,
                         config.train.max_steps)
