@@ -5,8 +5,8 @@ SFT from its export 2.96 -> 2.06 (-30 %) in 30 steps. The asserts keep a wide ma
 """
 
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess

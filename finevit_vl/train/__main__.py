@@ -84,9 +84,9 @@ def run(config) -> dict:
     from .config import config_to_dict, save_config
     from .data import BadRecordLimit, BadRecordLog, TrainStream
     from .evaluation import HeldOutLoss, load_eval_samples
-    from .run_dir import apply_plan
     from .freeze import format_report, trainable_report
     from .model import load_model, prepare_trainable
+    from .run_dir import apply_plan
     from .trainer import Trainer
 
     accelerator = _accelerator(config)

@@ -9,6 +9,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Self
 
 import torch
 
@@ -45,7 +46,7 @@ class StopRequest:
                            signal.Signals(signum).name)
         self.received = self.received or signum
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for signum in SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)

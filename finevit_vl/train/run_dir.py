@@ -18,8 +18,15 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import (
-    CheckpointError, list_checkpoints, new_run_id, newest_intact, read_run_id, read_state, remove_tree,
-    verify_checkpoint, write_run_id,
+    CheckpointError,
+    list_checkpoints,
+    new_run_id,
+    newest_intact,
+    read_run_id,
+    read_state,
+    remove_tree,
+    verify_checkpoint,
+    write_run_id,
 )
 from .config import Config, config_to_dict
 
