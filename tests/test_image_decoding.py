@@ -276,6 +276,18 @@ def test_bad_file_is_refused_the_same_way(corpus, encoder, name, reason):
     assert trained.value.reason == inferred.value.reason
 
 
+@pytest.mark.reliability("images", "truncated JPEG/PNG after `import lmms_eval` (it sets Pillow's "
+                         "LOAD_TRUNCATED_IMAGES=True process-wide)", "still refused; the process-wide setting restored")
+@pytest.mark.parametrize("name", ["truncated.jpg", "truncated.png"])
+def test_truncated_files_are_refused_whatever_pillows_global_says(corpus, encoder, name, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(FineViTImageError, match="cannot decode image"):
+        encoder.image_processor([str(corpus / name)])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
 @pytest.mark.reliability("images", "1x300 image (aspect ratio beyond max_aspect_ratio 200)",
                          "refused in both paths with the aspect ratio; the record is named in training")
 def test_aspect_ratio_beyond_the_limit_is_refused_in_both_paths(corpus, encoder):

@@ -163,9 +163,14 @@ def test_two_processes_match_one_process(reference_run, data, base, tmp_path):
     assert _max_weight_diff(reference_run / "final", run_dir / "final") < 1e-5
 
 
-def test_sigkill_then_resume_gives_the_same_weights(reference_run, data, base, tmp_path):
+@pytest.mark.reliability("preemption", "SIGKILL of a running `finevit-vl train` after its first checkpoint, "
+                         "in-process data and 2 DataLoader workers",
+                         "resume from that checkpoint gives the same final weights and losses")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_gives_the_same_weights(reference_run, data, base, tmp_path, workers):
     run_dir = tmp_path / "killed"
-    args = _reference_args(data, base, run_dir, "train.checkpoint_every=2")
+    # The reference reads in-process; 2 workers give the same samples within each pass (the shard divides evenly).
+    args = _reference_args(data, base, run_dir, "train.checkpoint_every=2", f"data.num_workers={workers}")
     command = [sys.executable, "-m", "finevit_vl.train", *args]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
@@ -183,6 +188,43 @@ def test_sigkill_then_resume_gives_the_same_weights(reference_run, data, base, t
     assert _max_weight_diff(reference_run / "final", run_dir / "final") <= 1e-6
     resumed, reference = _step_losses(run_dir), _step_losses(reference_run)
     assert resumed[6] == pytest.approx(reference[6], abs=1e-6)
+
+
+# Runs the trainer with its weight writer patched to SIGKILL the process half-way through checkpoint N's weights.
+KILL_DURING_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from finevit_vl.train import checkpoint
+from finevit_vl.train.__main__ import main
+write, kill_at = checkpoint.save_weights, int(os.environ["KILL_AT_SAVE"])
+calls = []
+def killing_writer(model, state_dict, processor, folder, trainable_only):
+    calls.append(folder)
+    write(model, state_dict, processor, folder, trainable_only)
+    if len(calls) == kill_at:
+        weights = next(Path(folder).glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_weights = killing_writer
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.reliability("preemption", "SIGKILL while the second checkpoint's weights are half written",
+                         "the half-written checkpoint is never used; resume from the first gives the same weights")
+def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(reference_run, data, base, tmp_path):
+    run_dir = tmp_path / "killed_in_save"
+    args = _reference_args(data, base, run_dir, "train.checkpoint_every=2")
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], env={**ENV, "KILL_AT_SAVE": "2"},
+                            capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "checkpoint-00000002" in checkpoints and "checkpoint-00000004" not in checkpoints, checkpoints
+
+    resumed = _run([sys.executable, "-m", "finevit_vl.train", *args])
+    assert "checkpoint-00000002" in resumed.stderr + resumed.stdout
+    assert _max_weight_diff(reference_run / "final", run_dir / "final") <= 1e-6
+    assert _step_losses(run_dir)[6] == pytest.approx(_step_losses(reference_run)[6], abs=1e-6)
 
 
 def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:

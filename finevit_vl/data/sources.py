@@ -14,7 +14,8 @@ images and never raise for a single bad record: a line or sample that cannot be 
         messages = record_to_messages(record, record["width"], record["height"])
 
 Distributed training: ``source.shard(rank, world_size)`` yields only the records whose index ``i`` in the full
-stream has ``i % world_size == rank`` (deterministic; shards compose, e.g. for DataLoader workers). Resume:
+stream has ``i % world_size == rank`` (deterministic; shards compose: ranks, then DataLoader workers; WebDataset
+sources split whole tar files instead when they have enough of them). Resume:
 ``state_dict()`` after consuming records, ``load_state_dict(state)`` on a fresh source with the same sharding, and
 iteration continues with the next record. A file source is a single cursor: iterating again continues where the last
 iteration stopped, and starts over after a complete pass. `MixtureSource` is endless.
@@ -22,6 +23,7 @@ iteration stopped, and starts over after a complete pass. `MixtureSource` is end
 
 import copy
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -165,8 +167,10 @@ class WebDatasetSource(RecordSource):
     A sample is the run of consecutive members sharing a key: ``key.json`` (the record; ``id`` defaults to the key)
     plus its images (``key.png``, ``key.0.jpg``, ...). The record's ``image`` may name its images by extension
     (``"png"``) or file name (``"key.png"``); without it, all image members are used in name order. Encoded images
-    travel in ``record["_image_bytes"]``. Sharding is per sample, so every rank reads every shard; for large corpora
-    prefer giving each rank its own shard files.
+    travel in ``record["_image_bytes"]``. Sharding is by whole tar file when there are at least as many files as
+    shards (shard r of n reads files ``r, r + n, ...`` only, so no process reads another's files; the samples per
+    shard then follow the files' sizes), otherwise per sample (every shard streams every file and skips the others'
+    samples).
     """
 
     def __init__(self, shards: PathLike | Sequence[PathLike]) -> None:
@@ -182,6 +186,27 @@ class WebDatasetSource(RecordSource):
 
     def __repr__(self) -> str:
         return f"WebDatasetSource({self.shards[0]!r}, ... {len(self.shards)} shards)"
+
+    def shard(self, rank: int, world_size: int) -> "RecordSource":
+        _check_shard(rank, world_size)
+        if self._world_size > 1 or len(self.shards) < world_size:
+            return super().shard(rank, world_size)
+        view = copy.copy(self)
+        view.shards = self.shards[rank::world_size]
+        view._position, view._epoch = 0, 0
+        return view
+
+    def state_dict(self) -> dict[str, Any]:
+        # The files a shard reads identify it as well as (rank, world_size) do.
+        return {**super().state_dict(), "files": hashlib.sha1("\n".join(self.shards).encode()).hexdigest()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("files") != self.state_dict()["files"]:
+            raise ValueError(
+                f"{self!r}: state was saved for another set of tar files (other shards, processes or workers); "
+                "resume with the same shards and the same number of processes and workers"
+            )
+        super().load_state_dict(state)
 
     def _stream(self, start: int, step: int) -> Iterator[RecordWithLocation]:
         index = -1

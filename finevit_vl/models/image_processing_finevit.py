@@ -2,16 +2,18 @@
 """Image processor for FineViT: the one image decoder, native-resolution smart resize, and packing into
 merge-group-major patches."""
 
+import contextlib
 import io
 import math
 import os
 import struct
+import threading
 import zlib
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import logging
@@ -147,13 +149,40 @@ def to_rgb_image(
     return _decode_pil(image, name, max_image_pixels)
 
 
+_strict_lock = threading.Lock()
+_strict_users = 0
+_saved_load_truncated = False
+
+
+@contextlib.contextmanager
+def _refuse_truncated_files():
+    """Pillow's process-wide `LOAD_TRUNCATED_IMAGES` off while we decode a file (lmms-eval turns it on at import).
+
+    A truncated file must be refused, not silently padded with grey. Reference-counted, so overlapping decodes in
+    several threads restore the caller's setting once, when the last one ends.
+    """
+    global _strict_users, _saved_load_truncated
+    with _strict_lock:
+        if _strict_users == 0:
+            _saved_load_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _strict_users += 1
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_users -= 1
+            if _strict_users == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_load_truncated
+
+
 def _decode_file(
     source: str | os.PathLike | bytes | bytearray, name: str | None, max_image_pixels: int | None
 ) -> Image.Image:
     is_path = isinstance(source, (str, os.PathLike))
     name = name or (str(source) if is_path else "image")
     try:
-        with Image.open(source if is_path else io.BytesIO(source)) as image:
+        with _refuse_truncated_files(), Image.open(source if is_path else io.BytesIO(source)) as image:
             return _decode_pil(image, name, max_image_pixels)
     except FileNotFoundError:
         raise FineViTImageError(name, "image file not found") from None

@@ -119,7 +119,7 @@ def run(config) -> dict:
     stream = TrainStream(
         build_source(config.data.train).shard(rank, world), encoder, config.train.global_batch_size // world,
         config.train.micro_batch_size, config.data.pack, processor.tokenizer.pad_token_id, bad_records,
-        BadRecordLimit.from_config(config.data, bad_records.path),
+        BadRecordLimit.from_config(config.data, bad_records.path), config.data.num_workers,
     )
     held_out = None
     if config.data.eval is not None:

@@ -80,6 +80,7 @@ class DataConfig:
     max_bad_fraction: float | None = 0.1  # stop once skipped / read exceeds this (all ranks); None: no fraction limit
     bad_fraction_min_records: int = 200  # records read (all ranks) before the fraction limit applies
     prefetch_steps: int = 2  # steps prepared ahead in a background thread (0: inline)
+    num_workers: int = 0  # DataLoader worker processes per rank that decode, resize and tokenize (0: in-process)
 
 
 @dataclass

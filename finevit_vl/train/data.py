@@ -26,7 +26,7 @@ import os
 import queue
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 from ..data import BadRecordError
 from ..data.collator import EncodedSample, SampleEncoder, collate_rows
 from ..data.packing import pack_rows
+from .loader import RecordResult, build_record_loader, dataset_states, iterate_quietly
 from .loss import num_targets
 
 
@@ -242,7 +243,9 @@ class StepBatch:
 class TrainStream:
     """Endless per-rank stream of `StepBatch`es over a sharded, resumable record source.
 
-    `limit` (default: none) is checked after every record read; see the module docstring.
+    Records are decoded, resized and tokenized by `num_workers` DataLoader workers (0: in this process, see
+    `finevit_vl.train.loader`); this process counts bad records, checks `limit` (default: none) after every record,
+    and packs and collates the step's micro-batches.
     """
 
     def __init__(
@@ -255,6 +258,7 @@ class TrainStream:
         pad_token_id: int,
         bad_records: BadRecordLog,
         limit: BadRecordLimit | None = None,
+        num_workers: int = 0,
     ) -> None:
         self.source = source
         self.encoder = encoder
@@ -264,49 +268,43 @@ class TrainStream:
         self.pad_token_id = pad_token_id
         self.bad_records = bad_records
         self.limit = limit or BadRecordLimit(None, None)
-        self.passes = 0
-        self.too_long: set[str] = set()  # source locations of records over max_length
+        self.num_workers = num_workers
+        self.loader = build_record_loader(source, encoder, num_workers)
         self.stop_reason: str | None = None
-        self._iterator = None
-        self._usable_in_pass = False
-        self._empty_passes = 0
+        self._results: Iterator[RecordResult] | None = None
+
+    @property
+    def passes(self) -> int:
+        """Complete passes over this rank's shard (the fewest of any worker's share)."""
+        return min((state or {}).get("passes", 0) for state in dataset_states(self.loader.state_dict()))
+
+    @property
+    def too_long(self) -> set[str]:
+        """Records known to be over `max_length`, skipped without decoding when met again."""
+        return {location for state in dataset_states(self.loader.state_dict()) for location in (state or {}).get(
+            "too_long", ())}
 
     def _next_sample(self) -> EncodedSample | None:
         """The next usable sample, or `None` once the stream must stop (`stop_reason` says why)."""
         log = self.bad_records
+        if self._results is None:
+            self._results = iterate_quietly(self.loader)
         while True:
-            if self._iterator is None:
-                self._iterator = iter(self.source)
-                self._usable_in_pass = False
-            try:
-                record, location = next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-                self.passes += 1
-                # Two passes in a row without a usable record (one may be the tail of a resumed pass): give up.
-                self._empty_passes = 0 if self._usable_in_pass else self._empty_passes + 1
-                if self._empty_passes >= 2:
-                    self.stop_reason = (f"data.train ({self.source!r}) yields no usable record on this rank; see "
-                                        f"{log.path or 'bad_records.jsonl'}")
-                    return None
-                continue
+            result = next(self._results, None)
+            if result is None:
+                self.stop_reason = (f"data.train ({self.source!r}) yields no usable record on this rank; see "
+                                    f"{log.path or 'bad_records.jsonl'}")
+                return None
             log.records_read += 1
-            sample = None
-            if location in self.too_long:
+            if result.known_too_long:
                 log.records_skipped += 1  # reported when first met; neither decoded nor tokenized again
-            else:
-                try:
-                    sample = self.encoder.encode_record(record, location, epoch=self.passes)
-                except BadRecordError as error:
-                    log.add(error)
-                    if error.kind == "too long":
-                        self.too_long.add(location)
+            elif result.error is not None:
+                log.add(result.error)
             self.stop_reason = self.limit.exceeded(log.count, log.records_skipped, log.records_read)
             if self.stop_reason is not None:
                 return None
-            if sample is not None:
-                self._usable_in_pass = True
-                return sample
+            if result.sample is not None:
+                return result.sample
 
     def next_step(self) -> StepBatch:
         samples: list[EncodedSample] = []
@@ -338,23 +336,26 @@ class TrainStream:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable: the source cursor, the pass, `bad_records` (distinct, for the trainer's check),
-        `records_read`, `records_skipped`, `bad_locations` ({location: [kind, reason]}) and `too_long`."""
+        """JSON-serialisable: the loader's position (every worker's source cursor, pass and over-long records),
+        `bad_records` (distinct, for the trainer's check), `records_read`, `records_skipped` and `bad_locations`
+        ({location: [kind, reason]})."""
         return {
-            "source": self.source.state_dict(),
-            "passes": self.passes,
+            "loader": self.loader.state_dict(),
+            "num_workers": self.num_workers,
             "bad_records": self.bad_records.count,
             **self.bad_records.state_dict(),
-            "too_long": sorted(self.too_long),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.source.load_state_dict(state["source"])
-        self.passes = state["passes"]
+        if "loader" not in state or state.get("num_workers", 0) != self.num_workers:
+            raise ValueError(
+                f"the data position was saved with data.num_workers={state.get('num_workers', 0)} but this run has "
+                f"{self.num_workers}; resume with the same number of processes and workers"
+            )
+        self.loader.load_state_dict(state["loader"])
         self.bad_records.load_state_dict(state)
-        self.too_long = set(state.get("too_long", ()))
         self.stop_reason = None  # a resumed run checks again, under its own limit
-        self._iterator = None
+        self._results = None
 
 
 class Prefetcher:
