@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, str] = {
     "train_step": "finevit_vl.benchmarking.train_step",
     "generation": "finevit_vl.benchmarking.generation",
     "scaling": "finevit_vl.benchmarking.scaling",
+    "loader": "finevit_vl.benchmarking.loader",
 }
 
 __all__ = ["BENCHMARKS"]
