@@ -17,6 +17,9 @@ from finevit_vl.tiny import build_tiny_model
 from finevit_vl.train.data import BadRecordLog, TrainStream
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
+
+
 @pytest.fixture(scope="module")
 def processor():
     return build_tiny_model(max_pixels=56 * 56)[1]
@@ -114,3 +117,18 @@ def _worker_states(stream: TrainStream) -> list[dict]:
     from finevit_vl.train.loader import dataset_states
 
     return dataset_states(stream.loader.state_dict())
+
+
+def test_epochs_set_the_step_budget(jsonl, tmp_path, processor):
+    from finevit_vl.train.__main__ import steps_for_epochs
+    from finevit_vl.train.config import load_config
+
+    config = load_config(CONFIGS / "tiny_cpu_stage3.yaml", ["train.epochs=2", "train.global_batch_size=5"])
+    assert steps_for_epochs(config, JsonlSource(jsonl)) == 5  # 2 x 12 records / 5 per step, rounded up
+    stream = _stream(JsonlSource(jsonl), processor, 2)  # 2 samples per step
+    for _ in range(12):  # 24 samples: 2 passes of the 10 usable records, plus 4
+        stream.next_step()
+    assert stream.passes == 2
+    tar = _write_shard(tmp_path / "one.tar", [0])
+    with pytest.raises(ValueError, match="train.epochs needs a data.train source whose records can be counted"):
+        steps_for_epochs(config, WebDatasetSource(tar))

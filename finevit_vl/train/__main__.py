@@ -7,6 +7,7 @@
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -75,6 +76,20 @@ def _plan(config, accelerator):
     return outcome[0]
 
 
+def steps_for_epochs(config, source) -> int:
+    """`train.max_steps` for `train.epochs` passes over `source` (all its records, bad ones included)."""
+    if not hasattr(source, "__len__"):
+        raise ValueError(
+            f"train.epochs needs a data.train source whose records can be counted (jsonl, hf); {source!r} cannot be: "
+            "set train.max_steps instead"
+        )
+    records = len(source)
+    steps = max(1, math.ceil(config.train.epochs * records / config.train.global_batch_size))
+    logger.info("train.epochs=%g over %d records of %r = %d steps of %d samples (train.max_steps)",
+                config.train.epochs, records, source, steps, config.train.global_batch_size)
+    return steps
+
+
 def run(config) -> dict:
     """The recipe. Returns what was exported (`{"model": dir, "adapter": dir}`), empty when stopped early."""
     from accelerate.utils import set_seed
@@ -92,6 +107,8 @@ def run(config) -> dict:
     accelerator = _accelerator(config)
     _setup_logging(accelerator)
     config.check_world_size(accelerator.num_processes)
+    if config.train.epochs is not None:
+        config.train.max_steps = steps_for_epochs(config, build_source(config.data.train))
     run_dir = Path(config.run_dir)
     plan = _plan(config, accelerator)
     for note in plan.notes:

@@ -98,6 +98,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    # Train for this many passes over data.train instead: max_steps = ceil(epochs * records / global_batch_size), with
+    # records counted in the source (jsonl, hf; bad ones included). Sets the schedule's length too.
+    epochs: float | None = None
     global_batch_size: int = 32  # samples per optimizer step, over all ranks
     micro_batch_size: int = 4  # rows per forward on one rank (a row holds several samples when packing)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
@@ -165,6 +168,8 @@ class Config:
             raise ValueError(f"lora.export must be adapter, merged or both, got {self.lora.export!r}")
         if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.train.mixed_precision!r}")
+        if self.train.epochs is not None and not self.train.epochs > 0:
+            raise ValueError(f"train.epochs must be > 0 or null, got {self.train.epochs}")
         if min(self.train.max_steps, self.train.global_batch_size, self.train.micro_batch_size) < 1:
             raise ValueError("train.max_steps, train.global_batch_size and train.micro_batch_size must be >= 1")
         if not any(getattr(self.modules, name).train for name in MODULES):

@@ -2,7 +2,8 @@
 
 Every optimizer step takes `global_batch_size` samples; rank r takes its share, `global_batch_size / world_size`,
 from its shard of the source (records `i % world_size == r`), so one process with two accumulation steps and two
-processes with one see the same global batch. The share is split into rows (one sample each, or packed up to
+processes with one see the same global batch. Records are decoded, resized and tokenized by `data.num_workers`
+DataLoader workers (`finevit_vl.train.loader`), one result per record in a fixed order. The share is split into rows (one sample each, or packed up to
 `max_length` tokens) and the rows into micro-batches of `micro_batch_size`.
 
 Bad records (undecodable or missing image, box outside the image, too long after image expansion, schema errors)
@@ -15,8 +16,8 @@ At the end of a run `BadRecordLog.summary()` (merged over ranks with `merge_summ
 reason with example locations, written by `write_bad_record_summary`. Records found too long are remembered and
 skipped in later passes without being decoded or tokenized again.
 
-The stream's position (the source cursor, the pass number, the counts and the records known to be too long) is
-snapshotted after each step, so a checkpoint resumes with exactly the next record and the same counts. A background
+The stream's position (the loader's: every worker's source cursor, pass and records known to be too long; and the
+counts) is snapshotted after each step, so a checkpoint resumes with exactly the next record and the same counts. A background
 thread can prepare the next steps while the model trains.
 """
 
