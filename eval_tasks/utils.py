@@ -1,11 +1,19 @@
 """Prompt and scoring hooks for the FineViT lmms-eval tasks (referenced from the yamls with ``!function utils.<name>``).
 
-Prompts come from `finevit_vl.prompts` (the wording the model is trained on), scores from `finevit_vl.eval.metrics`.
+Prompts come from `finevit_vl.prompts` (the wording the model is trained on), scores from lmms-eval's own task utils,
+directly where our metric keys match theirs (ChartQA, CountBench), otherwise through `finevit_vl.eval.metrics`.
 lmms-eval loads this file by path and runs ``process_results`` in threads, so everything here is stateless.
 """
 
+import importlib
+
 from finevit_vl import prompts
 from finevit_vl.eval import metrics
+
+
+def _lmms_task_utils(name):
+    # Imported on first use, so this file also loads without lmms-eval (e.g. for `doc_to_visual` alone).
+    return importlib.import_module(f"lmms_eval.tasks.{name}.utils")
 
 
 def doc_to_visual(doc):
@@ -40,9 +48,7 @@ def chartqa_doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def chartqa_process_results(doc, results):
-    score = float(metrics.relaxed_correctness(results[0], doc["answer"]))
-    split = "relaxed_human_split" if doc["type"] == "human_test" else "relaxed_augmented_split"
-    return {"relaxed_overall": score, split: score}
+    return _lmms_task_utils("chartqa").chartqa_process_results(doc, results)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -86,11 +92,11 @@ def countbench_doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def countbench_doc_to_target(doc):
-    return metrics.normalize_count(doc["number"])
+    return _lmms_task_utils("countbench").countbench_doc_to_target(doc)
 
 
 def countbench_process_results(doc, results):
-    return {"acc": float(metrics.count_correct(results[0], doc["number"]))}
+    return _lmms_task_utils("countbench").countbench_process_results(doc, results)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -98,8 +104,11 @@ def countbench_process_results(doc, results):
 
 
 def refcoco_process_docs(dataset):
-    """One row per referring sentence (``answer`` becomes a string) with ``bbox`` as normalized ``[x1, y1, x2, y2]``,
-    the same documents lmms-eval's ``refcoco*_bbox_rec`` tasks score."""
+    """lmms-eval's RefCOCO documents with the images as stored (its preprocess re-encodes them, lossily for JPEG).
+
+    One row per referring sentence (``answer`` becomes a string) with ``bbox`` as normalized ``[x1, y1, x2, y2]``, as
+    lmms-eval's ``refcoco_bbox_rec_preprocess_dataset`` builds them.
+    """
     dataset = dataset.map(
         lambda image, bbox: {"bbox": metrics.xywh_to_normalized(bbox, image.width, image.height)},
         input_columns=["image", "bbox"],

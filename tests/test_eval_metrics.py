@@ -1,7 +1,9 @@
-"""Our metrics (`finevit_vl.eval.metrics`) agree with lmms-eval 0.7.3's own implementations on randomized answers."""
+"""`finevit_vl.eval.metrics` scores with lmms-eval 0.7.3's own functions: the wrappers agree with lmms-eval on
+randomized answers, and each deviation we keep has a test showing where lmms-eval scores differently."""
 
 import importlib
 import importlib.util
+import io
 import math
 import random
 import types
@@ -132,7 +134,7 @@ def test_ocrbench_scores_full_benchmark_are_counts():
 
 def test_countbench_matches_lmms_eval():
     rng = random.Random(4)
-    words = list(metrics.NUMBER_WORD_TO_DIGITS)
+    words = list(countbench_utils.NUMBER_WORD_TO_NUMERAL)
     for _ in range(N_CASES):
         number = rng.randint(0, 25)
         prediction = rng.choice(
@@ -210,6 +212,77 @@ def test_refcoco_process_docs_matches_lmms_eval():
     for a, b in zip(ours, theirs):
         assert a["answer"] == b["answer"] and a["question_id"] == b["question_id"]
         assert a["bbox"] == pytest.approx(b["bbox"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The deviations we keep, each against what lmms-eval does on the same input.
+
+
+def test_anls_without_answers_scores_zero_where_lmms_eval_raises():
+    assert metrics.anls("anything", []) == 0.0
+    with pytest.raises(ValueError):
+        lmms_metrics.anls([], ["anything"])
+
+
+def _lmms_ocrbench_total(items, tmp_path):
+    lmms_items = [{"question_type": qtype, "score": int(ok)} for qtype, ok in items]
+    return ocrbench_utils.ocrbench_aggregate_accuracy(lmms_items, types.SimpleNamespace(output_path=str(tmp_path)))
+
+
+def test_ocrbench_scores_are_stateless_and_scaled_where_lmms_eval_accumulates(tmp_path):
+    items = [("Regular Text Recognition", True)] * 4
+    saved = dict(ocrbench_utils.OCRBench_score)
+    try:
+        for qtype in ocrbench_utils.OCRBench_score:
+            ocrbench_utils.OCRBench_score[qtype] = 0
+        # lmms-eval: 4 of 4 correct reads 0.004, and a second run in the same process adds to the first.
+        assert _lmms_ocrbench_total(items, tmp_path) == pytest.approx(0.004)
+        assert _lmms_ocrbench_total(items, tmp_path) == pytest.approx(0.008)
+    finally:
+        ocrbench_utils.OCRBench_score.update(saved)
+    assert metrics.ocrbench_scores(items)["total"] == metrics.ocrbench_scores(items)["total"] == 1000.0
+    # Same ten categories as lmms-eval's table.
+    assert {qtype for qtypes, _ in metrics.OCRBENCH_GROUPS.values() for qtype in qtypes} == set(ocrbench_utils.OCRBench_score)
+
+
+def test_rec_reads_our_box_convention_where_lmms_eval_reads_floats():
+    gt = [0.1, 0.2, 0.5, 1.0]
+    answer = "[100, 200, 500, 1000]"
+    assert metrics.rec_scores(answer, gt)["iou"] == pytest.approx(1.0)
+    lmms_box = refcoco_utils.parse_float_sequence_within(answer)  # taken as written: [100.0, 200.0, 500.0, 1000.0]
+    assert refcoco_utils.compute_iou(gt, lmms_box) < 1e-5
+
+
+def test_rec_answer_without_box_scores_zero_where_lmms_eval_credits_the_centre():
+    gt = [0.0, 0.0, 0.5, 0.5]  # touches the top-left corner
+    assert metrics.rec_scores("I cannot find it.", gt) == {"iou": 0.0, "acc": 0.0, "center_acc": 0.0}
+    lmms_box = refcoco_utils.parse_float_sequence_within("I cannot find it.")
+    assert lmms_box == [0, 0, 0, 0] and refcoco_utils.compute_center_accuracy(gt, lmms_box)
+
+
+def test_rec_two_empty_boxes_have_iou_zero_where_lmms_eval_divides_by_zero():
+    gt = [0.5, 0.5, 0.5, 0.5]
+    assert metrics.rec_scores("[500, 500, 500, 500]", gt) == {"iou": 0.0, "acc": 0.0, "center_acc": 1.0}
+    with pytest.raises(ZeroDivisionError):
+        refcoco_utils.compute_iou(gt, [0.5, 0.5, 0.5, 0.5])
+
+
+def test_refcoco_process_docs_keeps_images_where_lmms_eval_reencodes_them():
+    datasets = pytest.importorskip("datasets")
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 48), 50).convert("RGB").save(buffer, "JPEG", quality=90)
+    features = datasets.Features(
+        {"question_id": datasets.Value("string"), "answer": datasets.Sequence(datasets.Value("string")),
+         "bbox": datasets.Sequence(datasets.Value("float64")), "image": datasets.Image()}
+    )
+    row = {"question_id": "1", "answer": ["a", "b"], "bbox": [1.0, 2.0, 30.0, 40.0], "image": {"bytes": buffer.getvalue(), "path": None}}
+    dataset = datasets.Dataset.from_list([row], features=features)
+
+    def stored(docs):
+        return [image["bytes"] for image in docs.cast_column("image", datasets.Image(decode=False))["image"]]
+
+    assert stored(_task_utils().refcoco_process_docs(dataset)) == [buffer.getvalue()] * 2
+    assert buffer.getvalue() not in stored(refcoco_utils.refcoco_bbox_rec_preprocess_dataset(dataset))
 
 
 def test_task_prompts_use_training_wording():

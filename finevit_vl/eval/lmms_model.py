@@ -15,14 +15,13 @@ The wrapper survives ``evaluate()`` (its ``clean()`` keeps the model), so one in
 
 import copy
 import gc
-import json
 import os
-from collections import defaultdict
 
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
+from lmms_eval.utils import Collator
 from tqdm import tqdm
 
 from finevit_vl import boxes
@@ -159,23 +158,17 @@ class FineViTVL(lmms):
         raise NotImplementedError("finevit_vl does not support multi-round generation tasks.")
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        # Batches share generation kwargs; within a group the longest prompts go first so memory problems show early.
-        groups = defaultdict(list)
-        for index, request in enumerate(requests):
-            groups[json.dumps(request.args[2], sort_keys=True, default=str)].append(index)
-        batches = []
-        for indices in groups.values():
-            indices.sort(key=lambda i: -len(requests[i].args[0]))
-            batches += [indices[start : start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
-
-        results: list[str | None] = [None] * len(requests)
+        # Batches share generation kwargs (args[2]); within a group the longest prompts go first so memory problems
+        # show early. The Collator gives the answers back in request order.
+        args = [request.args for request in requests]
+        collator = Collator(args, sort_fn=lambda a: -len(a[0]), group_fn=lambda a: a[2], grouping=True)
+        answers = []
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="finevit_vl generating")
-        for batch in batches:
-            for index, text in zip(batch, self._generate([requests[i].args for i in batch])):
-                results[index] = text
+        for batch in collator.get_batched(n=self.batch_size):
+            answers += self._generate(batch)
             progress.update(len(batch))
         progress.close()
-        return results
+        return collator.get_original(answers)
 
     def clean(self) -> None:
         # lmms.clean() deletes every nn.Module attribute; keep the model so the wrapper can be evaluated again.

@@ -1,77 +1,55 @@
-"""Benchmark metrics, in pure Python (no lmms-eval import), so the trainer and tests can score answers directly.
+"""Benchmark metrics: lmms-eval 0.7.3's own scoring functions, behind the signatures our tasks, report and tests use.
 
-Each function follows the published definition and agrees with lmms-eval 0.7.3 on every answer it can score
-(checked by `tests/test_eval_metrics.py`). Where we deliberately differ, the docstring says so:
+The scores come from lmms-eval (`lmms_eval.api.metrics.anls`, and the ``chartqa``, ``ocrbench``, ``countbench`` and
+``refcoco`` task utils), imported on first use: importing them pulls in torch, transformers and datasets (seconds), so
+importing this module stays cheap. What we keep of our own, each a small function with a test in
+`tests/test_eval_metrics.py` that shows the difference:
 
-* OCRBench scores are reported **out of 1000** (lmms-eval reports ``Final Score / 1000``) and are stateless
-  (lmms-eval accumulates into a module-level dict, so a second run in the same process double-counts).
-* REC: an answer without a box scores 0 on every metric (lmms-eval substitutes ``[0, 0, 0, 0]``, whose centre can fall
-  inside a ground-truth box that touches the image corner).
+* `anls`: a question without ground-truth answers scores 0 (lmms-eval raises).
+* `ocrbench_scores`: stateless, out of 1000 and per report group (lmms-eval's aggregation accumulates across calls,
+  writes a file and returns ``Final Score / 1000`` whatever the number of questions).
+* REC: answers are read in our box convention with `finevit_vl.boxes.parse_box` (int 0-1000 by default; lmms-eval
+  reads [0, 1] floats as written), an answer without a box scores 0 (`_no_box_scores`), and two empty boxes have IoU
+  0 (`_iou_and_acc`).
 """
 
+import functools
+import importlib
 import math
+import warnings
 from collections.abc import Iterable, Sequence
+from types import ModuleType
 
-from finevit_vl.boxes import BoxFormat, box_iou, parse_box, pixels_to_normalized
+from finevit_vl.boxes import BoxFormat, parse_box, pixels_to_normalized
+
+
+@functools.cache
+def _lmms_eval(module: str) -> ModuleType:
+    """``lmms_eval.<module>``, imported once; its import runs ``warnings.filterwarnings("ignore")``, undone here."""
+    with warnings.catch_warnings():
+        return importlib.import_module(f"lmms_eval.{module}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # DocVQA: Average Normalized Levenshtein Similarity (Biten et al., 2019).
 
 
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions all cost 1)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
-
-
-def _collapse(text: str) -> str:
-    return " ".join(text.strip().lower().split())
-
-
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-    """ANLS of one question: ``1 - min_answer NL(pred, answer)``, set to 0 when it falls below ``threshold``.
-
-    Strings are lowercased and whitespace-collapsed before the edit distance; as in the official DocVQA script the
-    normalizing length is taken from the *raw* strings (upper-cased, which matters only for characters such as "ß").
-    """
+    """ANLS of one question (lmms-eval's ``anls``), but 0 without ground-truth answers, where lmms-eval raises."""
+    answers = list(answers)
     if not answers:
         return 0.0
-    pred = _collapse(prediction)
-    distances = []
-    for answer in answers:
-        length = max(len(answer.upper()), len(prediction.upper()))
-        distances.append(levenshtein(_collapse(answer), pred) / length if length else 0.0)
-    score = 1.0 - min(distances)
-    return score if score >= threshold else 0.0
+    return float(_lmms_eval("api.metrics").anls(answers, [prediction], thresh_hold=threshold)["anls"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ChartQA: relaxed accuracy (Methani et al., 2020; Masry et al., 2022).
 
 
-def _to_number(text: str) -> float | None:
-    try:
-        # A trailing percent sign means "divide by 100" ("12%" == 0.12).
-        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
-    except ValueError:
-        return None
-
-
 def relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
-    """Numeric answers are correct within ``max_relative_change`` of a non-zero target; everything else needs a
-    case-insensitive exact match (no stripping, as in the ChartQA paper's reference code)."""
-    pred_number, target_number = _to_number(prediction), _to_number(target)
-    if pred_number is not None and target_number:
-        return abs(pred_number - target_number) / abs(target_number) <= max_relative_change
-    return prediction.lower() == target.lower()
+    """lmms-eval's ChartQA ``relaxed_correctness``: numbers within 5% of a non-zero target, else case-insensitive
+    exact match."""
+    return _lmms_eval("tasks.chartqa.utils").relaxed_correctness(prediction, target, max_relative_change)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -97,30 +75,23 @@ OCRBENCH_GROUPS: dict[str, tuple[tuple[str, ...], int]] = {
 }
 OCRBENCH_TOTAL = 1000
 
-# Full-width ASCII (U+FF01..U+FF5E) and the ideographic space fold to ASCII; nothing else (no full NFKC).
-_FULLWIDTH_TO_ASCII = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: ord(" ")}
-
 
 def ocrbench_match(prediction: str, answers: str | Sequence[str], dataset: str = "") -> bool:
-    """True if any ground-truth string occurs in the prediction.
-
-    Case- and full-width-insensitive, except for handwritten maths (``dataset == "HME100k"``), which is compared
-    case-sensitively with spaces and line breaks removed.
-    """
-    answers = [answers] if isinstance(answers, str) else list(answers)
-    if dataset == "HME100k":
-        pred = prediction.strip().replace("\n", " ").replace(" ", "")
-        return any(answer.strip().replace("\n", " ").replace(" ", "") in pred for answer in answers)
-    pred = prediction.translate(_FULLWIDTH_TO_ASCII).lower().strip().replace("\n", " ")
-    return any(answer.translate(_FULLWIDTH_TO_ASCII).lower().strip().replace("\n", " ") in pred for answer in answers)
+    """lmms-eval's OCRBench check: any ground-truth string occurs in the prediction (case- and full-width-insensitive;
+    handwritten maths, ``dataset == "HME100k"``, case-sensitive with spaces removed)."""
+    doc = {"answer": answers if isinstance(answers, str) else list(answers), "dataset": dataset, "question_type": None}
+    result = _lmms_eval("tasks.ocrbench.utils").ocrbench_process_results(doc, [prediction])
+    return bool(result["ocrbench_accuracy"]["score"])
 
 
 def ocrbench_scores(items: Iterable[tuple[str, bool]]) -> dict[str, float]:
-    """``(question_type, correct)`` pairs -> the official report: ``total`` out of 1000 and each group out of its points.
+    """``(question_type, correct)`` pairs -> ``total`` out of 1000 and each group out of its points, statelessly.
 
-    On the full benchmark every value is the number of correct answers, as in the official report. On a subset
-    (``--limit``, a local sample) each value is the accuracy scaled to the same points, so numbers stay comparable;
-    a group without samples is NaN.
+    Deviates from lmms-eval's ``ocrbench_aggregate_accuracy``, which adds into a module-level dict (a second run in the
+    same process double-counts), writes ``ocrbench_results.txt`` and returns the total / 1000. On the full benchmark
+    every value here is the number of correct answers, as in the official report; on a subset (``--limit``, a local
+    sample) each value is the accuracy scaled to the same points, so numbers stay comparable; a group without samples
+    is NaN.
     """
     items = list(items)
     known = {qtype for qtypes, _ in OCRBENCH_GROUPS.values() for qtype in qtypes}
@@ -140,21 +111,11 @@ def _scaled_accuracy(corrects: list[bool], points: int) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # CountBench (Paiss et al., 2023): exact match after mapping number words to digits.
 
-_NUMBER_WORDS = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
-]
-NUMBER_WORD_TO_DIGITS: dict[str, str] = {word: str(value) for value, word in enumerate(_NUMBER_WORDS)} | {"none": "0"}
-
-
-def normalize_count(answer: str | int) -> str:
-    """``" Three "`` -> ``"3"``; anything that is not a number word is only stripped and lowercased."""
-    text = str(answer).strip().lower()
-    return NUMBER_WORD_TO_DIGITS.get(text, text)
-
 
 def count_correct(prediction: str, number: str | int) -> bool:
-    return normalize_count(prediction) == normalize_count(number)
+    """lmms-eval's CountBench check: exact match after strip/lower, number words "zero"/"none"-"twenty" as digits."""
+    result = _lmms_eval("tasks.countbench.utils").countbench_process_results({"number": number}, [prediction])
+    return bool(result["acc"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -164,35 +125,47 @@ REC_IOU_THRESHOLD = 0.5
 
 
 def xywh_to_normalized(bbox: Sequence[float], width: int, height: int) -> list[float]:
-    """COCO ``[x, y, w, h]`` in pixels -> ``[x1, y1, x2, y2]`` in [0, 1] (the ground truth lmms-eval scores against)."""
+    """COCO ``[x, y, w, h]`` in pixels -> ``[x1, y1, x2, y2]`` in [0, 1] (the ground truth lmms-eval scores)."""
     x, y, w, h = bbox
     return pixels_to_normalized([x, y, x + w, y + h], width, height)
 
 
+def _no_box_scores() -> dict[str, float]:
+    """0 everywhere; lmms-eval scores ``[0, 0, 0, 0]``, whose centre is inside any ground truth at the top-left."""
+    return {"iou": 0.0, "acc": 0.0, "center_acc": 0.0}
+
+
+def _iou_and_acc(gt_box: Sequence[float], box: Sequence[float]) -> tuple[float, float]:
+    """lmms-eval's IoU and ACC@0.5, but 0 for two empty boxes, where its ``compute_iou`` divides by zero."""
+    rec = _lmms_eval("tasks.refcoco.utils_rec")
+    try:
+        return rec.compute_iou(gt_box, box), float(rec.compute_accuracy(gt_box, box, REC_IOU_THRESHOLD))
+    except ZeroDivisionError:
+        return 0.0, 0.0
+
+
 def rec_scores(prediction: str, gt_box: Sequence[float], box_format: BoxFormat = "int1000") -> dict[str, float]:
-    """Score a grounding answer against a normalized ``[x1, y1, x2, y2]`` ground truth.
+    """Score a grounding answer against a normalized ``[x1, y1, x2, y2]`` ground truth with lmms-eval's REC scorers.
 
     Returns ``iou``, ``acc`` (IoU >= 0.5, the standard REC accuracy) and ``center_acc`` (the predicted box centre lies
-    inside the ground-truth box). The first box in ``prediction`` is read with `finevit_vl.boxes.parse_box`.
+    inside the ground-truth box). The first box in ``prediction`` is read in our convention by
+    `finevit_vl.boxes.parse_box` (lmms-eval's ``parse_float_sequence_within`` takes [0, 1] floats as written, so a
+    0-1000 answer would score about 0).
     """
     box = parse_box(prediction, box_format)
     if box is None:
-        return {"iou": 0.0, "acc": 0.0, "center_acc": 0.0}
-    iou = box_iou(box, gt_box)
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    inside = gt_box[0] <= cx <= gt_box[2] and gt_box[1] <= cy <= gt_box[3]
-    return {"iou": iou, "acc": float(iou >= REC_IOU_THRESHOLD), "center_acc": float(inside)}
+        return _no_box_scores()
+    iou, acc = _iou_and_acc(gt_box, box)
+    center_acc = float(_lmms_eval("tasks.refcoco.utils_rec").compute_center_accuracy(gt_box, box))
+    return {"iou": iou, "acc": acc, "center_acc": center_acc}
 
 
 __all__ = [
-    "NUMBER_WORD_TO_DIGITS",
     "OCRBENCH_GROUPS",
     "OCRBENCH_TOTAL",
     "REC_IOU_THRESHOLD",
     "anls",
     "count_correct",
-    "levenshtein",
-    "normalize_count",
     "ocrbench_match",
     "ocrbench_scores",
     "rec_scores",
