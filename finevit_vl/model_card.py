@@ -3,6 +3,8 @@ that `finevit-vl eval --model-card` (or the demo) fills between the `<!-- result
 
 from pathlib import Path
 
+from .parameters import count_parameters
+
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -55,18 +57,6 @@ Boxes are written as integers 0-1000 relative to the image size, `[x1, y1, x2, y
 """
 
 
-def count_parameters(model) -> int:
-    """Parameters of the model as exported: LoRA layers still attached before a merge are not counted, and 4-bit
-    weights (two values packed per stored byte) count as the values they hold."""
-    from .train.freeze import is_peft_original
-
-    return sum(
-        parameter.numel() * (2 if getattr(parameter, "quant_state", None) is not None else 1)
-        for name, parameter in model.named_parameters()
-        if "lora_" not in name and not is_peft_original(name)
-    )
-
-
 def render_model_card(model, path: str, name: str, description: str, training: str) -> str:
     config = model.config
     vision, text = config.vision_config, config.text_config
@@ -99,4 +89,4 @@ def write_model_card(model, model_dir: str | Path, name: str, description: str, 
     return card
 
 
-__all__ = ["CARD_TEMPLATE", "count_parameters", "render_model_card", "write_model_card"]
+__all__ = ["CARD_TEMPLATE", "render_model_card", "write_model_card"]

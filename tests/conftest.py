@@ -27,6 +27,18 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def assert_greedy_continuation(model, inputs, out: torch.Tensor, new_tokens: int) -> None:
+    """`out` (one row) is the prompt plus exactly `new_tokens` tokens, each the argmax of a full forward over the
+    sequence with the image: greedy generation ran through the image features and the cache, not around them."""
+    prompt_len = inputs["input_ids"].shape[1]
+    assert out.shape == (1, prompt_len + new_tokens)
+    assert torch.equal(out[:, :prompt_len], inputs["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=out, attention_mask=torch.ones_like(out), pixel_values=inputs["pixel_values"],
+                       image_grid_thw=inputs["image_grid_thw"]).logits
+    assert torch.equal(logits[0, prompt_len - 1 : -1].argmax(-1), out[0, prompt_len:])
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

@@ -1,11 +1,14 @@
 """The lmms-eval plugin `finevit_vl.eval.lmms_model.FineViTVL` on a tiny random FineViT-VL."""
 
 import pytest
+import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 pytest.importorskip("lmms_eval")
 from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
 
 from finevit_vl.eval.lmms_model import FineViTVL
 from finevit_vl.tiny import save_tiny_checkpoint
@@ -49,12 +52,51 @@ def _run(model, docs, gen_kwargs=GREEDY):
     return model.generate_until(_requests(docs, gen_kwargs))
 
 
-def test_batched_generation_matches_batch_size_one(checkpoint, docs):
+def _reference_answers(checkpoint, docs) -> list[str]:
+    """Each doc answered without the plugin: its image and question in the chat template, greedy `generate`."""
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    answers = []
+    for doc in docs:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": doc["question"]}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=[doc["image"]], text=[text])
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=GREEDY["max_new_tokens"], do_sample=False)
+        answers.append(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def test_batched_generation_matches_batch_size_one_and_the_model(checkpoint, docs):
     single = _run(FineViTVL(pretrained=checkpoint, batch_size=1, device="cpu", dtype="float32"), docs)
     batched = _run(FineViTVL(pretrained=checkpoint, batch_size="3", device="cpu", dtype="float32"), docs)
-    assert len(single) == len(docs) and all(isinstance(text, str) for text in single)
-    assert any(single), "the tiny model generated nothing at all; the comparison would be vacuous"
+    expected = _reference_answers(checkpoint, docs)
+    assert len(set(expected)) > 1, "the tiny model answers every doc alike; the comparison would be vacuous"
+    assert single == expected  # each answer is the model's own answer to that doc's image and question
     assert batched == single
+
+
+def test_batches_group_by_gen_kwargs_longest_first_and_answers_keep_request_order(monkeypatch):
+    model = FineViTVL.__new__(FineViTVL)  # no checkpoint: only the batching is under test
+    lmms.__init__(model)
+    model.batch_size = 2
+    batches = []
+
+    def fake_generate(batch_args):
+        batches.append([args[3] for args in batch_args])
+        assert len({str(args[2]) for args in batch_args}) == 1, "a batch mixes generation kwargs"
+        return [f"answer {args[3]}" for args in batch_args]
+
+    monkeypatch.setattr(model, "_generate", fake_generate)
+    short = {**GREEDY, "max_new_tokens": 4}
+    prompts = [("aaaa", GREEDY), ("a", short), ("aaaaaa", GREEDY), ("aa", GREEDY), ("aaa", short), ("aaaaa", GREEDY)]
+    requests = [
+        Instance(request_type="generate_until", arguments=(ctx, _doc_to_messages, dict(kwargs), doc_id, TASK, SPLIT),
+                 idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+        for doc_id, (ctx, kwargs) in enumerate(prompts)
+    ]
+    assert model.generate_until(requests) == [f"answer {doc_id}" for doc_id in range(len(prompts))]
+    assert batches == [[2, 5], [0, 3], [4, 1]]
 
 
 def test_until_cuts_the_answer(checkpoint, docs):
@@ -98,8 +140,11 @@ def test_model_args_are_validated_and_applied(checkpoint):
         FineViTVL(pretrained=checkpoint, max_pixel=1)
     with pytest.raises(ValueError, match="dtype"):
         FineViTVL(pretrained=checkpoint, dtype="fp8")
-    with pytest.raises(NotImplementedError):
+    # lmms-eval calls these for multiple-choice and multi-round tasks: the error names what the model supports.
+    with pytest.raises(NotImplementedError, match=r"only supports generation tasks \(output_type: generate_until\)"):
         model.loglikelihood([])
+    with pytest.raises(NotImplementedError, match="multi-round"):
+        model.generate_until_multi_round([])
 
 
 def test_entry_point_manifest_resolves():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_image
+from conftest import assert_greedy_continuation, random_image
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
@@ -45,7 +45,7 @@ def test_image_tokens_are_replaced_by_projected_features(tiny_qwen3, images):
     model, processor = tiny_qwen3
     inputs = processor(images=[images[0]], text=[_prompt(processor, "What is this?")])
     n_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    assert n_tokens == int(inputs["image_grid_thw"].prod()) // 4
+    assert n_tokens == int(inputs["image_grid_thw"].prod()) // model.config.spatial_merge_size**2
     with torch.no_grad():
         out = model(**inputs)
         features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
@@ -57,11 +57,11 @@ def test_mismatched_image_tokens_raise_with_both_counts(tiny_qwen3, images):
     model, processor = tiny_qwen3
     inputs = processor(images=[images[0], images[1]], text=[_prompt(processor, "Compare.", 2)])
     n_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    first_image_patches = int(inputs["image_grid_thw"][0].prod())
-    with pytest.raises(ValueError, match=rf"{n_tokens} image tokens but the images produce {first_image_patches // 4} features"):
+    first_image_features = int(inputs["image_grid_thw"][0].prod()) // model.config.spatial_merge_size**2
+    with pytest.raises(ValueError, match=rf"{n_tokens} image tokens but the images produce {first_image_features} features"):
         model(
             input_ids=inputs["input_ids"],
-            pixel_values=inputs["pixel_values"][:first_image_patches],
+            pixel_values=inputs["pixel_values"][: int(inputs["image_grid_thw"][0].prod())],
             image_grid_thw=inputs["image_grid_thw"][:1],
         )
     with pytest.raises(ValueError, match="2 image tokens .* 1 images"):
@@ -80,7 +80,9 @@ def test_dummy_image_weight_leaves_text_logits_unchanged(tiny_qwen3, images):
 
 def test_vision_feature_layers_can_be_selected_and_concatenated(tokenizer, images):
     model, processor = build_tiny_model("qwen3", tokenizer=tokenizer, vision_feature_layer=[0, -1])
-    assert model.model.multi_modal_projector.linear_1.in_features == 2 * 32 * 4
+    config = model.config
+    # two layers' features, each of a merge group's patches side by side
+    assert model.model.multi_modal_projector.linear_1.in_features == 2 * config.vision_config.hidden_size * config.spatial_merge_size**2
     inputs = processor(images=[images[0]], text=[_prompt(processor, "Hi")])
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
@@ -98,12 +100,7 @@ def test_generate_uses_cache_and_encodes_images_once(tiny_qwen3, images):
     assert len(calls) == 1, "the encoder must run once (prefill only)"
     uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6, use_cache=False)
     assert torch.equal(cached, uncached)
-    # Greedy generation equals argmax of a full forward over the generated sequence.
-    with torch.no_grad():
-        full = model(input_ids=cached, attention_mask=torch.ones_like(cached), pixel_values=inputs["pixel_values"],
-                     image_grid_thw=inputs["image_grid_thw"]).logits
-    prompt_len = inputs["input_ids"].shape[1]
-    assert torch.equal(full[0, prompt_len - 1 : -1].argmax(-1), cached[0, prompt_len:])
+    assert_greedy_continuation(model, inputs, cached, 6)
 
 
 @pytest.mark.parametrize("cache_argument", ["past_key_values", "cache"])
@@ -140,12 +137,48 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_qwen3, images):
     assert batched == single
 
 
-def test_beam_search_and_sampling_run(tiny_qwen3, images):
+def _sequence_log_prob(model, inputs, sequence: torch.Tensor) -> float:
+    """Sum of the log-probabilities a full forward (with the image) gives the tokens of `sequence` after the prompt."""
+    with torch.no_grad():
+        logits = model(input_ids=sequence[None], attention_mask=torch.ones_like(sequence[None]),
+                       pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits[0]
+    prompt_len = inputs["input_ids"].shape[1]
+    log_probs = logits[prompt_len - 1 : -1].float().log_softmax(-1)
+    return log_probs.gather(-1, sequence[prompt_len:, None]).sum().item()
+
+
+def test_beam_search_scores_its_beams_with_the_image(tiny_qwen3, images):
+    """Beam search expands the image inputs with the beams: each returned beam's score is its log-probability under
+    a full forward with the image, beams come best first, and the prompt is kept."""
     model, processor = tiny_qwen3
     inputs = processor(images=[images[0]], text=[_prompt(processor, "Describe.")])
-    beams = model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False)
-    sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.9)
-    assert beams.shape[0] == 1 and sampled.shape[0] == 1
+    prompt_len = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, num_beams=3, num_return_sequences=2,
+                         length_penalty=0.0, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    assert out.sequences.shape == (2, prompt_len + 4)
+    assert torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"].expand(2, -1))
+    assert not torch.equal(out.sequences[0], out.sequences[1])
+    recomputed = [_sequence_log_prob(model, inputs, sequence) for sequence in out.sequences]
+    torch.testing.assert_close(out.sequences_scores, torch.tensor(recomputed), atol=1e-4, rtol=1e-4)
+    assert recomputed[0] >= recomputed[1]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_qwen3, images):
+    model, processor = tiny_qwen3
+    inputs = processor(images=[images[0]], text=[_prompt(processor, "Describe.")])
+    prompt_len = inputs["input_ids"].shape[1]
+    fixed_length = {"max_new_tokens": 4, "min_new_tokens": 4}
+    greedy = model.generate(**inputs, **fixed_length, do_sample=False)
+    assert greedy.shape == (1, prompt_len + 4)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(**inputs, **fixed_length, do_sample=True, top_k=1), greedy)
+    samples = []
+    for seed in (0, 0, 1, 2, 3):
+        torch.manual_seed(seed)
+        samples.append(model.generate(**inputs, **fixed_length, do_sample=True, temperature=1.5, top_k=0, top_p=1.0))
+    assert all(sample.shape == greedy.shape for sample in samples)
+    assert torch.equal(samples[0], samples[1])  # same seed, same sample
+    assert any(not torch.equal(sample, greedy) for sample in samples), "sampling never left the greedy path"
 
 
 GPT2_TINY = {"n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 512}
@@ -182,10 +215,18 @@ def test_auto_classes_and_vision2seq_alias(tiny_checkpoint):
 
 
 def test_image_text_to_text_pipeline(tiny_checkpoint, images):
+    """The pipeline answers what `generate` on the processor's chat-formatted inputs answers."""
     pipe = pipeline("image-text-to-text", model=tiny_checkpoint)
     messages = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "How many?"}]}]
-    out = pipe(text=messages, max_new_tokens=4, return_full_text=False)
-    assert isinstance(out[0]["generated_text"], str)
+    out = pipe(text=messages, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_full_text=False)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    inputs = processor(images=[images[0]], text=[_prompt(processor, "How many?")])
+    generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert len(generated) == 4
+    expected = processor.decode(generated, skip_special_tokens=True)
+    assert expected.strip(), "the tiny model decoded to nothing; the comparison would be vacuous"
+    assert out[0]["generated_text"] == expected
 
 
 def test_no_split_modules_cover_encoder_and_llm(tiny_qwen3):

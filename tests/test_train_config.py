@@ -1,5 +1,6 @@
 """Training config: YAML + key=value overrides, strict keys, the shipped configs (`finevit_vl.train.config`)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,26 @@ def test_freezing_everything_is_refused():
         load_config(CONFIG_DIR / "tiny_cpu_stage3.yaml", frozen)
 
 
+def _documented_world_sizes(path: Path) -> list[int] | None:
+    """Process counts of the launch a config's header documents: `--config_file` of a shipped accelerate config, or
+    `--num_processes N`; `None` when it documents none."""
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    if match := re.search(r"--config_file (\S+\.yaml)", header):
+        return [yaml.safe_load((CONFIG_DIR.parent / match.group(1)).read_text())["num_processes"]]
+    if match := re.search(r"--num_processes (\d+)", header):
+        return [int(match.group(1))]
+    return None
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_training_configs_load(path):
-    config = load_config(path)
-    assert config.train.global_batch_size % config.train.micro_batch_size == 0 or config.data.pack
+def test_shipped_training_configs_load_and_fit_their_launch(path):
+    config = load_config(path)  # validates
+    world_sizes = _documented_world_sizes(path)
+    if world_sizes is None:  # the tiny CPU configs: one process (the demo) or `accelerate/cpu_2proc.yaml`
+        assert path.name.startswith("tiny_cpu"), f"{path.name} documents no launch command"
+        world_sizes = [1, yaml.safe_load((CONFIG_DIR / "accelerate" / "cpu_2proc.yaml").read_text())["num_processes"]]
+    for world_size in world_sizes:
+        config.check_world_size(world_size)  # each rank gets an equal share of every global batch
 
 
 def test_shipped_accelerate_configs_parse():

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..model_card import write_model_card
+
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,6 @@ def export_model(accelerator, config, model, processor, base_path: str, out_dir:
         if config.lora.enabled and "adapter" not in written:
             shutil.rmtree(adapter)
         if "model" in written:  # PEFT writes its own card into adapter folders
-            from ..model_card import write_model_card
-
             card_model = unwrapped.base_model.model if config.lora.enabled else unwrapped
             write_model_card(card_model, final, f"FineViT-VL ({Path(config.run_dir).name})",
                              "A FineViT-VL checkpoint exported by the FineViT-VL trainer.", training_summary(config))

@@ -10,6 +10,7 @@ forward and is always frozen: a trainable parameter without gradients breaks DDP
 
 from torch import nn
 
+from ..parameters import is_peft_original
 from .config import MODULES, ModulesConfig
 
 
@@ -28,11 +29,6 @@ def unused_in_vl(parameter_name: str) -> bool:
     """True for parameters the FineViT-VL forward never touches (the encoder's pooling head)."""
     parts = parameter_name.split(".")
     return "vision_tower" in parts and "head" in parts[parts.index("vision_tower"):]
-
-
-def is_peft_original(parameter_name: str) -> bool:
-    """PEFT keeps the untouched original of every `modules_to_save` module next to its trained copy; it is not run."""
-    return "original_module" in parameter_name.split(".")
 
 
 def apply_freeze(model: nn.Module, modules: ModulesConfig | None = None) -> None:
@@ -65,4 +61,4 @@ def format_report(report: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["apply_freeze", "format_report", "is_peft_original", "module_of", "trainable_report", "unused_in_vl"]
+__all__ = ["apply_freeze", "format_report", "module_of", "trainable_report", "unused_in_vl"]

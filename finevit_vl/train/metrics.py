@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..parameters import is_peft_original, value_count
 from .config import MODULES
-from .freeze import is_peft_original, module_of
+from .freeze import module_of
 
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def module_param_counts(model: nn.Module) -> dict[str, dict[str, int]]:
     for name, parameter in model.named_parameters():
         if id(parameter) in embeddings or is_peft_original(name):
             continue
-        numel = parameter.numel() * (2 if getattr(parameter, "quant_state", None) is not None else 1)
+        numel = value_count(parameter)
         entry = counts[module_of(name)]
         entry["params"] += numel
         entry["trainable"] += numel if parameter.requires_grad else 0
