@@ -1,6 +1,6 @@
 """Prompt and scoring hooks for the FineViT lmms-eval tasks (referenced from the yamls with ``!function utils.<name>``).
 
-Prompts come from `finevit_vl.prompts` (the wording the model is trained on), scores from lmms-eval's own task utils,
+Prompts come from `finevit_vl.prompts.benchmark_prompt` (the wording the model is trained on), scores from lmms-eval's own task utils,
 directly where our metric keys match theirs (ChartQA, CountBench), otherwise through `finevit_vl.eval.metrics`.
 lmms-eval loads this file by path and runs ``process_results`` in threads, so everything here is stateless.
 """
@@ -32,7 +32,7 @@ def _wrap(text, lmms_eval_specific_kwargs):
 
 
 def docvqa_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return _wrap(prompts.short_answer(doc["question"]), lmms_eval_specific_kwargs)
+    return _wrap(prompts.benchmark_prompt("docvqa", doc["question"]), lmms_eval_specific_kwargs)
 
 
 def docvqa_process_results(doc, results):
@@ -44,7 +44,7 @@ def docvqa_process_results(doc, results):
 
 
 def chartqa_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return _wrap(prompts.short_answer(doc["question"]), lmms_eval_specific_kwargs)
+    return _wrap(prompts.benchmark_prompt("chartqa", doc["question"]), lmms_eval_specific_kwargs)
 
 
 def chartqa_process_results(doc, results):
@@ -56,8 +56,7 @@ def chartqa_process_results(doc, results):
 
 
 def ocrbench_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    # Our OCR training data asks with the short-answer suffix; OCRBench scores by substring, so the suffix is safe.
-    return _wrap(prompts.short_answer(doc["question"].strip()), lmms_eval_specific_kwargs)
+    return _wrap(prompts.benchmark_prompt("ocrbench", doc["question"]), lmms_eval_specific_kwargs)
 
 
 def ocrbench_process_results(doc, results):
@@ -87,8 +86,7 @@ ocrbench_aggregate_hmer = _ocrbench_aggregation("hmer")
 
 
 def countbench_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    # Same wording as training's `prompts.count_question(name)` for "How many {name} are there in the image?".
-    return _wrap(f"{doc['question'].strip()}\n{prompts.NUMBER_ANSWER}", lmms_eval_specific_kwargs)
+    return _wrap(prompts.benchmark_prompt("countbench", doc["question"]), lmms_eval_specific_kwargs)
 
 
 def countbench_doc_to_target(doc):
@@ -120,7 +118,7 @@ def refcoco_process_docs(dataset):
 
 
 def refcoco_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return _wrap(prompts.CAPTION_TO_BOX.format(text=doc["answer"]), lmms_eval_specific_kwargs)
+    return _wrap(prompts.benchmark_prompt("refcoco", doc["answer"]), lmms_eval_specific_kwargs)
 
 
 def refcoco_process_results(doc, results):

@@ -21,8 +21,29 @@ def short_answer(question: str) -> str:
     return f"{question}\n{SHORT_ANSWER}"
 
 
+def number_answer(question: str) -> str:
+    return f"{question}\n{NUMBER_ANSWER}"
+
+
 def count_question(name: str) -> str:
-    return f"{COUNT_QUESTION.format(name=name)}\n{NUMBER_ANSWER}"
+    return number_answer(COUNT_QUESTION.format(name=name))
+
+
+def benchmark_prompt(benchmark: str, text: str) -> str:
+    """The prompt of one question of a benchmark (``docvqa``, ``chartqa``, ``ocrbench``, ``countbench``, ``refcoco``;
+    `text` is the question, for ``refcoco`` the referring expression), as the FineViT lmms-eval tasks ask it: in the
+    wording of the matching training data."""
+    if benchmark in ("docvqa", "chartqa"):
+        return short_answer(text)
+    if benchmark == "ocrbench":
+        # Our OCR training data asks with the short-answer suffix; OCRBench scores by substring, so the suffix is safe.
+        return short_answer(text.strip())
+    if benchmark == "countbench":
+        # Training's `count_question(name)` for CountBench's "How many {name} are there in the image?".
+        return number_answer(text.strip())
+    if benchmark == "refcoco":
+        return CAPTION_TO_BOX.format(text=text)
+    raise ValueError(f"no prompt for benchmark {benchmark!r}; one of docvqa, chartqa, ocrbench, countbench, refcoco")
 
 
 __all__ = [
@@ -35,6 +56,8 @@ __all__ = [
     "OCR_TO_BOX",
     "READ_ALL_TEXT",
     "SHORT_ANSWER",
+    "benchmark_prompt",
     "count_question",
+    "number_answer",
     "short_answer",
 ]

@@ -163,6 +163,7 @@ def interleave_by_family(jsonl: Path) -> Path:
 
 def build_initial_model(size: DemoSize, data_dir: Path, out_dir: Path, seed: int) -> None:
     from .data.render import record_to_messages  # noqa: F401  (the data package must import)
+    from .parameters import count_parameters
     from .prompts import BOX_TO_CAPTION, BOX_TO_OCR, CAPTION, CAPTION_TO_BOX, OCR_TO_BOX
     from .tiny import build_tiny_model, build_tokenizer
 
@@ -175,7 +176,7 @@ def build_initial_model(size: DemoSize, data_dir: Path, out_dir: Path, seed: int
     )
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     _log(f"built {size.vision_preset} + Qwen3 ({size.text['num_hidden_layers']} layers, width {size.text['hidden_size']}), "
          f"{n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)} -> {out_dir}")
 
@@ -212,20 +213,26 @@ def _parquet_rows(path: Path) -> list[tuple[dict, Any]]:
 
 def predict_samples(model, processor, eval_dir: Path, per_task: int = 3) -> list[dict]:
     """Answers of the final model on a few held-out images per task, with the evaluation prompts."""
-    from . import prompts
+    from .benchmark_data import PARQUET_FILES
     from .boxes import parse_box
     from .eval import metrics
+    from .prompts import benchmark_prompt
 
     samples = []
+    # grid label, benchmark, row -> (question or referring expression, answer)
     specs = [
-        ("count", "countbench/test.parquet", lambda r: (f"{r['question']}\n{prompts.NUMBER_ANSWER}", str(r["number"]))),
-        ("ground", "refcoco/val.parquet", lambda r: (prompts.CAPTION_TO_BOX.format(text=r["answer"][0]), None)),
-        ("ocr", "ocrbench/test.parquet", lambda r: (prompts.short_answer(r["question"]), r["answer"][0])),
-        ("chart", "chartqa/test.parquet", lambda r: (prompts.short_answer(r["question"]), r["answer"])),
-        ("doc", "docvqa/validation.parquet", lambda r: (prompts.short_answer(r["question"]), r["answers"][0])),
+        ("count", "countbench", lambda r: (r["question"], str(r["number"]))),
+        ("ground", "refcoco", lambda r: (r["answer"][0], None)),
+        ("ocr", "ocrbench", lambda r: (r["question"], r["answer"][0])),
+        ("chart", "chartqa", lambda r: (r["question"], r["answer"])),
+        ("doc", "docvqa", lambda r: (r["question"], r["answers"][0])),
     ]
-    asked = [(task, row, image, *make(row)) for task, relative, make in specs if (eval_dir / relative).exists()
-             for row, image in _parquet_rows(eval_dir / relative)[:per_task]]
+    asked = []
+    for task, benchmark, make in specs:
+        if (path := eval_dir / PARQUET_FILES[benchmark]).exists():
+            for row, image in _parquet_rows(path)[:per_task]:
+                text, answer = make(row)
+                asked.append((task, row, image, benchmark_prompt(benchmark, text), answer))
     predictions = _answers(model, processor, [item[2] for item in asked], [item[3] for item in asked])
     for (task, row, image, question, answer), prediction in zip(asked, predictions):
         sample = {"image": image, "task": task, "question": question.split("\n")[0], "prediction": prediction,
@@ -249,10 +256,11 @@ def grounding_breakdown(model, processor, data_dir: Path) -> dict[str, float] | 
     names, on another object of the image, or on none; and what a detector that ignores the expression would score
     (one of the image's objects at random). Accuracy above that chance level means the expression is understood, not
     only objects found. Every object of an image comes from its Stage III grounding record."""
-    from . import prompts
+    from .benchmark_data import PARQUET_FILES
     from .boxes import box_iou, parse_box, pixels_to_normalized
+    from .prompts import benchmark_prompt
 
-    refcoco = data_dir / "eval" / "refcoco" / "val.parquet"
+    refcoco = data_dir / "eval" / PARQUET_FILES["refcoco"]
     if not refcoco.exists():
         return None
     objects = {}
@@ -262,7 +270,7 @@ def grounding_breakdown(model, processor, data_dir: Path) -> dict[str, float] | 
             objects[record["id"].removesuffix("-grounding")] = record["grounding"]
     rows = _parquet_rows(refcoco)
     predictions = _answers(model, processor, [image for _, image in rows],
-                           [prompts.CAPTION_TO_BOX.format(text=row["answer"][0]) for row, _ in rows])
+                           [benchmark_prompt("refcoco", row["answer"][0]) for row, _ in rows])
     counts = Counter()
     chance = 0.0
     for (row, image), prediction in zip(rows, predictions):
@@ -457,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .eval.suite import fill_model_card, results_markdown
     from .model_card import write_model_card
+    from .parameters import count_parameters
 
-    n_params = sum(p.numel() for p in final_model.parameters()) / 1e6
+    n_params = count_parameters(final_model) / 1e6
     training = (f"Stage III alignment ({stage3_steps} steps x {GLOBAL_BATCH} samples: global captions, box->caption, "
                 f"caption->box, OCR with boxes; encoder unfrozen), then instruction tuning ({sft_steps} steps x "
                 f"{GLOBAL_BATCH}, mixture {mixture}), on data from `finevit-vl make-data --seed {args.seed}`; made by "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .benchmark_data import PARQUET_FILES
 from .boxes import box_iou, normalized_to_pixels
 from .eval import metrics
 from .models.image_processing_finevit import to_rgb_image
@@ -19,11 +20,11 @@ from .models.image_processing_finevit import to_rgb_image
 
 # task -> (eval parquet relative to the eval dir, headline metric key in lmms-eval results)
 SYNTHETIC_TASKS: dict[str, tuple[str, str]] = {
-    "finevit_countbench": ("countbench/test.parquet", "acc"),
-    "finevit_refcoco_bbox_rec_val": ("refcoco/val.parquet", "refcoco_ACC@0.5"),
-    "finevit_ocrbench": ("ocrbench/test.parquet", "ocrbench_score"),  # out of 1000
-    "finevit_chartqa": ("chartqa/test.parquet", "relaxed_overall"),
-    "finevit_docvqa_val": ("docvqa/validation.parquet", "anls"),
+    "finevit_countbench": (PARQUET_FILES["countbench"], "acc"),
+    "finevit_refcoco_bbox_rec_val": (PARQUET_FILES["refcoco"], "refcoco_ACC@0.5"),
+    "finevit_ocrbench": (PARQUET_FILES["ocrbench"], "ocrbench_score"),  # out of 1000
+    "finevit_chartqa": (PARQUET_FILES["chartqa"], "relaxed_overall"),
+    "finevit_docvqa_val": (PARQUET_FILES["docvqa"], "anls"),
 }
 CENTRED_BOX = "[250, 250, 750, 750]"  # the fixed-box baseline, in our int 0-1000 convention
 # Also tried as fixed boxes: each quadrant (the grounding images lay objects out on a 2x2 grid, so a quadrant box is

@@ -9,8 +9,11 @@ import pytest
 from PIL import Image
 
 from finevit_vl import prompts
+from finevit_vl.benchmark_data import PARQUET_FILES
 from finevit_vl.data import JsonlSource, load_record_images, record_to_messages
-from finevit_vl.data.synthetic import COLORS, FAMILIES, PARQUET_FILES, main
+from finevit_vl.data.synthetic import COLORS, FAMILIES, main
+from finevit_vl.eval import tasks_path
+from finevit_vl.report import SYNTHETIC_TASKS
 
 
 TRAIN, EVAL = 6, 5
@@ -81,6 +84,14 @@ def test_parquet_files_load_with_the_benchmark_columns(runs):
         rows = _parquet_rows(runs["a"] / "eval" / relative)
         assert rows and set(rows[0]) == COLUMNS[name], name
         assert all(Image.open(io.BytesIO(row["image"]["bytes"])).width >= 112 for row in rows)
+
+
+def test_parquet_files_are_where_the_tasks_read_them(tmp_path):
+    """Each file make-data writes is the local data file of the FineViT task the run report scores on it."""
+    configs = tasks_path.task_configs()
+    assert {relative for relative, _ in SYNTHETIC_TASKS.values()} == set(PARQUET_FILES.values())
+    for task, (relative, _) in SYNTHETIC_TASKS.items():
+        assert tasks_path.local_data_file(str(tmp_path), configs[task]) == tmp_path.resolve() / relative
 
 
 def _records(out: Path, name: str) -> list[tuple[dict, list[Image.Image]]]:

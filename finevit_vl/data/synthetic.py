@@ -32,8 +32,7 @@ Output (``OUT`` = ``--out``)::
     OUT/images/{train,eval}/{family}/{index:06d}.png
     OUT/stage3/{train,eval}.jsonl     Stage III records: caption / region / ocr / grounding tasks
     OUT/sft/{train,eval}.jsonl        SFT records: one single-turn conversation per image
-    OUT/eval/docvqa/validation.parquet, OUT/eval/chartqa/test.parquet, OUT/eval/ocrbench/test.parquet,
-    OUT/eval/countbench/test.parquet, OUT/eval/refcoco/val.parquet   (benchmark schemas, from the eval images)
+    OUT/eval/<folder>/<split>.parquet   benchmark schemas, from the eval images (`benchmark_data.PARQUET_FILES`)
     OUT/make_data.json                the arguments and the counts, to reproduce the run
 
 Image paths in the JSONL files are relative to the JSONL's folder (``../images/...``), the `JsonlSource` default.
@@ -82,6 +81,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, features
 
 from .. import prompts
+from ..benchmark_data import PARQUET_FILES
 from .schema import BOX_MARKER, Record
 
 
@@ -118,13 +118,6 @@ FIELDS: dict[str, tuple[str, Callable[[random.Random], str]]] = {
     "Customer": ("What is the customer name?", lambda rng: rng.choice(NAMES)),
 }
 TITLES: tuple[str, ...] = ("INVOICE", "RECEIPT", "ORDER")
-PARQUET_FILES: dict[str, str] = {
-    "docvqa": "docvqa/validation.parquet",
-    "chartqa": "chartqa/test.parquet",
-    "ocrbench": "ocrbench/test.parquet",
-    "countbench": "countbench/test.parquet",
-    "refcoco": "refcoco/val.parquet",
-}
 
 Box = list[int]
 

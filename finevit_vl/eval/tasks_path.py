@@ -3,7 +3,7 @@
 lmms-eval reads ``dataset_path`` from static yaml, so local data is handled by generating a small task directory whose
 yamls ``include`` the shipped ones and override only the dataset source::
 
-    DATA_DIR/<folder>/<split>.parquet   # folder per dataset, see LOCAL_FOLDERS; same columns as the HF dataset
+    DATA_DIR/<folder>/<split>.parquet   # folder per dataset: `finevit_vl.benchmark_data`; the HF dataset's columns
 
     lmms-eval ... --include_path "$(finevit-vl tasks-path)"                      # HF datasets
     lmms-eval ... --include_path "$(finevit-vl tasks-path --data-dir DATA_DIR)"  # local parquet files
@@ -23,19 +23,10 @@ from pathlib import Path
 
 import yaml
 
+from ..benchmark_data import LOCAL_FOLDERS, parquet_file
+
 
 SUITE_GROUP = "finevit_suite"
-
-# HF dataset used by the shipped yamls -> folder holding its local copy inside a data directory.
-LOCAL_FOLDERS: dict[str, str] = {
-    "lmms-lab-encoder/DocVQA": "docvqa",
-    "lmms-lab-encoder/ChartQA": "chartqa",
-    "echo840/OCRBench": "ocrbench",
-    "vikhyatk/CountBenchQA": "countbench",
-    "lmms-lab-encoder/RefCOCO": "refcoco",
-    "lmms-lab-encoder/RefCOCOplus": "refcoco+",
-    "lmms-lab-encoder/RefCOCOg": "refcocog",
-}
 
 
 def tasks_dir() -> str:
@@ -80,7 +71,7 @@ def suite_tasks(directory: str | None = None) -> list[str]:
 
 def local_data_file(data_dir: str, config: dict) -> Path:
     """``DATA_DIR/<folder>/<test_split>.parquet`` for a task config."""
-    return Path(data_dir).resolve() / LOCAL_FOLDERS[config["dataset_path"]] / f"{config['test_split']}.parquet"
+    return Path(data_dir).resolve() / parquet_file(LOCAL_FOLDERS[config["dataset_path"]], config["test_split"])
 
 
 def missing_local_data(data_dir: str, tasks: list[str]) -> dict[str, str]:
@@ -165,7 +156,7 @@ def local_tasks_dir(data_dir: str, out_dir: str | None = None) -> str:
                 "dataset_kwargs": {"data_files": {config["test_split"]: str(data_file)}},
             }
     if not written:
-        expected = ", ".join(f"{folder}/<split>.parquet" for folder in dict.fromkeys(LOCAL_FOLDERS.values()))
+        expected = ", ".join(parquet_file(folder, "<split>") for folder in dict.fromkeys(LOCAL_FOLDERS.values()))
         raise ValueError(f"No local benchmark data found in {data_dir}; expected some of: {expected}.")
     suite = [name for name in suite_tasks() if f"{name}.yaml" in written]
     written[f"{SUITE_GROUP}.yaml"] = {"group": SUITE_GROUP, "task": suite}
