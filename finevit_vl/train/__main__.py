@@ -107,8 +107,9 @@ def run(config) -> dict:
     accelerator = _accelerator(config)
     _setup_logging(accelerator)
     config.check_world_size(accelerator.num_processes)
+    train_source = build_source(config.data.train)  # built once: counted for train.epochs, then sharded
     if config.train.epochs is not None:
-        config.train.max_steps = steps_for_epochs(config, build_source(config.data.train))
+        config.train.max_steps = steps_for_epochs(config, train_source)
     run_dir = Path(config.run_dir)
     plan = _plan(config, accelerator)
     for note in plan.notes:
@@ -134,7 +135,7 @@ def run(config) -> dict:
     encoder = SampleEncoder(processor, config.data.max_length, config.data.box_format, config.data.max_regions,
                             config.data.shuffle_turns, config.seed)
     stream = TrainStream(
-        build_source(config.data.train).shard(rank, world), encoder, config.train.global_batch_size // world,
+        train_source.shard(rank, world), encoder, config.train.global_batch_size // world,
         config.train.micro_batch_size, config.data.pack, processor.tokenizer.pad_token_id, bad_records,
         BadRecordLimit.from_config(config.data, bad_records.path), config.data.num_workers,
     )

@@ -299,8 +299,8 @@ class TrainStream:
             log.records_read += 1
             if result.known_too_long:
                 log.records_skipped += 1  # reported when first met; neither decoded nor tokenized again
-            elif result.error is not None:
-                log.add(result.error)
+            elif (error := result.error) is not None:
+                log.add(error)
             self.stop_reason = self.limit.exceeded(log.count, log.records_skipped, log.records_read)
             if self.stop_reason is not None:
                 return None
