@@ -1,6 +1,8 @@
-"""Assemble a FineViT-VL from a FineViT checkpoint (or preset) and any Hugging Face causal-LM checkpoint.
+"""Assemble a FineViT-VL from a vision encoder (FineViT or any supported tower: a checkpoint or a preset) and any
+Hugging Face causal-LM checkpoint.
 
     finevit-vl build --vision path/to/finevit --llm path/to/Qwen3-1.7B --out path/to/finevit-vl
+    finevit-vl build --vision path/to/siglip2-naflex --llm path/to/Qwen3-1.7B --out path/to/siglip2-vl
 
 The LLM's weights are renamed on load (`<base_model_prefix>.*` -> `model.language_model.*`), the image token (and the
 chat format's turn tokens, if missing) are added to the tokenizer, the embeddings are resized, and the result is saved
@@ -14,15 +16,8 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .models import (
-    FINEVIT_PRESETS,
-    FineViTConfig,
-    FineViTImageProcessor,
-    FineViTModel,
-    FineViTVLConfig,
-    FineViTVLForConditionalGeneration,
-    FineViTVLProcessor,
-)
+from .encoders import load_encoder
+from .models import FineViTVLConfig, FineViTVLForConditionalGeneration, FineViTVLProcessor
 from .models.chat_templates import CHAT_FORMATS, build_chat_template, chat_format_for
 from .models.processing_finevit_vl import DEFAULT_IMAGE_TOKEN
 
@@ -40,20 +35,6 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_format: str, imag
     return len(missing)
 
 
-def load_vision_tower(vision: str) -> FineViTModel:
-    """A FineViT from a checkpoint directory, or a randomly initialised one from a preset name."""
-    if vision in FINEVIT_PRESETS:
-        return FineViTModel(FineViTConfig.from_preset(vision))
-    if not os.path.isdir(vision):
-        raise ValueError(f"--vision {vision!r} is neither a directory nor a preset ({sorted(FINEVIT_PRESETS)})")
-    config = AutoConfig.from_pretrained(vision)
-    if config.model_type not in ("finevit", "finevit_vl"):
-        raise ValueError(f"{vision}/config.json has model_type {config.model_type!r}; expected a FineViT checkpoint")
-    if config.model_type == "finevit_vl":  # take the encoder out of a trained FineViT-VL
-        return FineViTVLForConditionalGeneration.from_pretrained(vision).model.vision_tower
-    return FineViTModel.from_pretrained(vision)
-
-
 def build_finevit_vl(
     vision: str,
     llm: str,
@@ -68,7 +49,8 @@ def build_finevit_vl(
     """Build a FineViT-VL from parts; save it to `out_dir` when given.
 
     Args:
-        vision: FineViT checkpoint directory (or a FineViT-VL one, whose encoder is taken), or a preset name.
+        vision: a vision tower checkpoint directory (FineViT, SigLIP / SigLIP2, CLIP, DINOv2, Qwen2-VL tower; a full
+            CLIP / SigLIP model or a FineViT-VL, whose encoder is taken), or an encoder preset (`finevit_vl.encoders`).
         llm: any Hugging Face causal-LM checkpoint directory with its tokenizer.
         chat_format: `"chatml"` or `"llama3"`; chosen from the LLM's `model_type` when omitted.
     """
@@ -82,7 +64,7 @@ def build_finevit_vl(
     chat_format = chat_format_for(text_config.model_type, chat_format)
     prepare_tokenizer(tokenizer, chat_format)
 
-    vision_tower = load_vision_tower(vision)
+    vision_tower, image_processor = load_encoder(vision, max_pixels, min_pixels, spatial_merge_size)
     config = FineViTVLConfig(
         vision_config=vision_tower.config,
         text_config=text_config,
@@ -105,11 +87,9 @@ def build_finevit_vl(
     model.generation_config.eos_token_id = list(dict.fromkeys([end_of_turn, *eos]))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    image_processor = FineViTImageProcessor(
-        patch_size=vision_tower.config.patch_size, merge_size=spatial_merge_size, max_pixels=max_pixels, min_pixels=min_pixels
-    )
     processor = FineViTVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=build_chat_template(chat_format, DEFAULT_IMAGE_TOKEN)
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=build_chat_template(chat_format, DEFAULT_IMAGE_TOKEN),
+        patch_size=vision_tower.config.patch_size, merge_size=spatial_merge_size,
     )
     if out_dir is not None:
         model.save_pretrained(out_dir)
@@ -119,7 +99,9 @@ def build_finevit_vl(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finevit-vl build", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vision", required=True, help="FineViT checkpoint dir or preset name")
+    parser.add_argument("--vision", required=True,
+                        help="vision tower checkpoint dir (FineViT, SigLIP/SigLIP2, CLIP, DINOv2, Qwen2-VL tower) or an "
+                             "encoder preset such as finevit-tiny or siglip2-naflex-tiny")
     parser.add_argument("--llm", required=True, help="HF causal-LM checkpoint dir (with tokenizer)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--chat-format", choices=sorted(CHAT_FORMATS), default=None)
@@ -138,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_finevit_vl", "load_vision_tower", "prepare_tokenizer"]
+__all__ = ["build_finevit_vl", "prepare_tokenizer"]

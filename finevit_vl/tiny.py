@@ -12,9 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from . import prompts
+from .encoders import preset_config, tower_image_processor
 from .models import (
-    FineViTConfig,
-    FineViTImageProcessor,
     FineViTVLConfig,
     FineViTVLForConditionalGeneration,
     FineViTVLProcessor,
@@ -77,10 +76,12 @@ def build_tiny_model(
     vision_overrides: dict | None = None,
     tie_word_embeddings: bool = False,
     max_pixels: int = 224 * 224,
+    min_pixels: int = 56 * 56,
     chat_format: str | None = None,
     **vl_overrides,
 ) -> tuple[FineViTVLForConditionalGeneration, FineViTVLProcessor]:
-    """A randomly initialised tiny FineViT-VL and its processor."""
+    """A randomly initialised tiny FineViT-VL and its processor. `vision_preset` names any encoder preset
+    (`finevit_vl.encoders`: `finevit-test`, `siglip2-naflex-tiny`, `qwen2-vl-tiny`, ...)."""
     if text_model_type not in TINY_TEXT_CONFIGS and text_overrides is None:
         raise ValueError(f"No tiny text config for {text_model_type!r}; known: {sorted(TINY_TEXT_CONFIGS)}")
     tokenizer = tokenizer or build_tokenizer()
@@ -95,7 +96,10 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=tie_word_embeddings,
     )
-    vision_config = FineViTConfig.from_preset(vision_preset, **(vision_overrides or {}))
+    merge_size = vl_overrides.get("spatial_merge_size", 2)
+    vision_config = preset_config(vision_preset, max_pixels, merge_size)
+    for key, value in (vision_overrides or {}).items():
+        setattr(vision_config, key, value)
     config = FineViTVLConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -107,11 +111,10 @@ def build_tiny_model(
     model = FineViTVLForConditionalGeneration(config)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(end_of_turn), tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor = FineViTImageProcessor(
-        patch_size=vision_config.patch_size, merge_size=config.spatial_merge_size, max_pixels=max_pixels
-    )
+    image_processor = tower_image_processor(vision_config, max_pixels, min_pixels, config.spatial_merge_size)
     processor = FineViTVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=build_chat_template(chat_format, DEFAULT_IMAGE_TOKEN)
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=build_chat_template(chat_format, DEFAULT_IMAGE_TOKEN),
+        patch_size=vision_config.patch_size, merge_size=config.spatial_merge_size,
     )
     return model.eval(), processor
 

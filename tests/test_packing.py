@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finevit_vl.data.collator import SampleEncoder, collate_rows
+from finevit_vl.data.collator import SampleEncoder, collate_rows, dummy_image_inputs
 from finevit_vl.data.packing import attention_inputs, block_causal_mask, pack_rows, token_efficiency
 from finevit_vl.tiny import build_tiny_model
 from finevit_vl.train.loss import per_sample_losses
@@ -65,13 +65,13 @@ def test_packed_per_sample_losses_equal_unpacked(text_model_type, attn_implement
     model, processor = build_tiny_model(text_model_type=text_model_type, max_pixels=84 * 84, seed=3)
     model.set_attn_implementation(attn_implementation)
     samples = _samples(processor)
-    pad, image_processor = processor.tokenizer.pad_token_id, processor.image_processor
+    pad, dummy = processor.tokenizer.pad_token_id, dummy_image_inputs(processor)
 
     with torch.no_grad():
-        alone = torch.cat([_forward(model, collate_rows([[s]], pad, image_processor), attn_implementation) for s in samples])
+        alone = torch.cat([_forward(model, collate_rows([[s]], pad, dummy), attn_implementation) for s in samples])
         rows = pack_rows([s.length for s in samples], 160)
         assert len(rows) < len(samples)  # really packed
-        packed_batch = collate_rows([[samples[i] for i in row] for row in rows], pad, image_processor)
+        packed_batch = collate_rows([[samples[i] for i in row] for row in rows], pad, dummy)
         packed = _forward(model, packed_batch, attn_implementation)
         order = [i for row in rows for i in row]  # sample_ids number samples in row order
         # What flash-attention relies on: position_ids alone (restarts) also separate the samples in transformers.
@@ -82,5 +82,5 @@ def test_packed_per_sample_losses_equal_unpacked(text_model_type, attn_implement
 
     torch.testing.assert_close(packed, alone[order], rtol=0, atol=1e-5)
     torch.testing.assert_close(by_positions, alone[order], rtol=0, atol=1e-5)
-    padded = collate_rows([[s] for s in samples], pad, image_processor)
+    padded = collate_rows([[s] for s in samples], pad, dummy)
     assert token_efficiency(packed_batch["segment_ids"]) > token_efficiency(padded["segment_ids"])

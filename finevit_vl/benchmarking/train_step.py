@@ -17,7 +17,7 @@ warm-up steps) and the batch already exist.
 
 import torch
 
-from ..data.collator import SampleEncoder, collate_rows
+from ..data.collator import SampleEncoder, collate_rows, dummy_image_inputs
 from ..data.packing import attention_inputs, pack_rows, token_efficiency
 from ..tiny import build_tiny_model
 from ..train.loss import num_targets, token_losses
@@ -83,7 +83,7 @@ def make_batch(samples: list, processor, s: dict, pack: bool) -> dict:
         rows = [[samples[i] for i in row] for row in pack_rows(lengths, s["pack_length"])]
     else:
         rows = [[sample] for sample in samples]
-    batch = collate_rows(rows, processor.tokenizer.pad_token_id, processor.image_processor)
+    batch = collate_rows(rows, processor.tokenizer.pad_token_id, dummy_image_inputs(processor))
     batch["attention"] = attention_inputs(batch["segment_ids"], batch["position_ids"], "sdpa", torch.float32)
     return batch
 

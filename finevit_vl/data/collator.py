@@ -8,14 +8,17 @@ The path of one sample::
 
 Labels come from the chat template's ``{% generation %}`` blocks (transformers' assistant-mask mechanism): the text is
 rendered once, the character spans of the assistant turns are mapped onto the tokens, and only those tokens (answer +
-end-of-turn token) are supervised. Image placeholders are expanded after tokenization, at the id level, into
-``grid_h * grid_w / merge**2`` image tokens, exactly as `FineViTVLProcessor` does. A sample longer than ``max_length``
+end-of-turn token) are supervised. Image placeholders are expanded after tokenization, at the id level, into as many
+image tokens as `FineViTVLProcessor.num_image_tokens` gives for the grid its image processor emitted (one rule for
+every vision tower). A sample longer than ``max_length``
 after that expansion is rejected (never truncated: a cut image would not match its features).
 
 `collate_rows` turns rows of samples into one micro-batch. A row holds one sample (plain batching) or several
 (packing, see `finevit_vl.data.packing`); positions restart at every sample, and `segment_ids` say which tokens may
-attend to each other. A micro-batch without any image gets a tiny zero-weighted dummy image, so every rank of a
-sharded engine (ZeRO-3 / FSDP) runs the vision tower on every step.
+attend to each other. Image inputs (whatever the tower's processor emits: `pixel_values`, `image_grid_thw`, NaFlex's
+`pixel_attention_mask` / `spatial_shapes`) are concatenated along their first axis. A micro-batch without any image
+gets a tiny zero-weighted dummy image, so every rank of a sharded engine (ZeRO-3 / FSDP) runs the vision tower on
+every step.
 """
 
 import os
@@ -32,6 +35,8 @@ from .schema import BadRecordError, Record, record_location
 
 
 IGNORE_INDEX = -100
+# What a vision tower's processor may emit; all concatenate along their first axis.
+IMAGE_INPUT_NAMES = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes")
 
 
 class SampleTooLongError(ValueError):
@@ -45,15 +50,14 @@ class EncodedSample:
     Attributes:
         input_ids (`torch.LongTensor` of shape `(seq_len,)`): token ids, image placeholders already expanded.
         labels (`torch.LongTensor` of shape `(seq_len,)`): `input_ids` on assistant tokens, -100 elsewhere.
-        pixel_values (`torch.Tensor` of shape `(num_patches, 3 * patch_size**2)`, *optional*): packed image patches.
-        image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*).
+        image_inputs (`dict[str, torch.Tensor]`, *optional*): the processor's image outputs (`pixel_values`,
+            `image_grid_thw`, and what else the tower takes), each with images (or their patches) on the first axis.
         location (`str`): where the record came from, for error messages.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
+    image_inputs: dict[str, torch.Tensor] | None = None
     location: str = ""
 
     @property
@@ -61,12 +65,21 @@ class EncodedSample:
         return int(self.input_ids.shape[0])
 
     @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return None if self.image_inputs is None else self.image_inputs["pixel_values"]
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor | None:
+        return None if self.image_inputs is None else self.image_inputs["image_grid_thw"]
+
+    @property
     def num_images(self) -> int:
-        return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+        return 0 if self.image_inputs is None else int(self.image_grid_thw.shape[0])
 
     @property
     def num_patches(self) -> int:
-        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+        """Patches the tower sees (for throughput; padding of NaFlex batches not counted)."""
+        return 0 if self.image_inputs is None else int(self.image_grid_thw.prod(-1).sum())
 
     @property
     def num_supervised(self) -> int:
@@ -104,6 +117,7 @@ class SampleEncoder:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
+        self.dummy_image_inputs = dummy_image_inputs(processor)
         self.image_token_id = processor.image_token_id
         self.max_length = max_length
         self.box_format = box_format
@@ -139,12 +153,11 @@ class SampleEncoder:
         placeholders = [i for i, token in enumerate(ids) if token == self.image_token_id]
         if len(placeholders) != len(images):
             raise ValueError(f"{len(placeholders)} image placeholder(s) in the rendered text but {len(images)} image(s)")
-        pixel_values = image_grid_thw = None
+        image_inputs = None
         counts: list[int] = []
         if images:
-            image_inputs = self.image_processor(images, return_tensors="pt")
-            pixel_values, image_grid_thw = image_inputs["pixel_values"], image_inputs["image_grid_thw"]
-            counts = (image_grid_thw.prod(-1) // self.image_processor.merge_size**2).tolist()
+            image_inputs = self.processor.process_images(images)
+            counts = self.processor.num_image_tokens(image_inputs["image_grid_thw"])
         length = len(ids) + sum(counts) - len(counts)
         if length > self.max_length:
             raise SampleTooLongError(
@@ -165,13 +178,12 @@ class SampleEncoder:
         return EncodedSample(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
+            image_inputs=image_inputs,
         )
 
     def encode_record(self, record: Record, location: str, epoch: int = 0) -> EncodedSample:
         """Open, validate, render and tokenize one record; every problem raises `BadRecordError` naming `location`."""
-        images = load_record_images(record, location, self.processor.image_processor.max_image_pixels)
+        images = load_record_images(record, location, getattr(self.image_processor, "max_image_pixels", None))
         where = record_location(record, location)
         # Seeded by the record's id (else its file name and line), never by the absolute path: the same data in
         # another folder must give the same samples.
@@ -189,20 +201,22 @@ class SampleEncoder:
         return sample
 
 
-def dummy_image(image_processor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The smallest image the encoder accepts: one merge group of zero patches, `(merge**2, 3 * patch**2)` + its grid."""
-    merge, patch = image_processor.merge_size, image_processor.patch_size
-    pixel_values = torch.zeros(merge * merge, 3 * patch * patch)
-    return pixel_values, torch.tensor([[1, merge, merge]], dtype=torch.long)
+def dummy_image_inputs(processor) -> dict[str, torch.Tensor]:
+    """The processor's inputs for one small black image (the smallest it makes of a merge group's size in pixels)."""
+    side = (processor.patch_size or 14) * processor.merge_size
+    return processor.process_images([Image.new("RGB", (side, side))])
 
 
-def collate_rows(rows: list[list[EncodedSample]], pad_token_id: int, image_processor) -> dict[str, torch.Tensor]:
+def collate_rows(
+    rows: list[list[EncodedSample]], pad_token_id: int, dummy_image: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Rows of samples -> one micro-batch, right-padded to the longest row.
 
     Returns a dict with `input_ids`, `labels` and `position_ids` `(num_rows, row_len)`; `segment_ids`
     `(num_rows, row_len)` (index of the sample within its row, -1 on padding); `sample_ids` `(num_rows, row_len)`
-    (index of the sample in the micro-batch, -1 on padding); `pixel_values`, `image_grid_thw`; and
-    `image_token_weight` (a zero scalar) when the batch has no image and carries a dummy one.
+    (index of the sample in the micro-batch, -1 on padding); the image inputs (`pixel_values`, `image_grid_thw`,
+    ...); and `image_token_weight` (a zero scalar) when the batch has no image and carries `dummy_image` (see
+    `dummy_image_inputs`).
     """
     if not rows or not all(rows):
         raise ValueError("collate_rows needs at least one non-empty row")
@@ -213,7 +227,7 @@ def collate_rows(rows: list[list[EncodedSample]], pad_token_id: int, image_proce
     position_ids = torch.zeros(shape, dtype=torch.long)
     segment_ids = torch.full(shape, -1, dtype=torch.long)
     sample_ids = torch.full(shape, -1, dtype=torch.long)
-    pixel_values, grids = [], []
+    image_inputs: list[dict[str, torch.Tensor]] = []
     sample_index = 0
     for row_index, row in enumerate(rows):
         start = 0
@@ -225,8 +239,7 @@ def collate_rows(rows: list[list[EncodedSample]], pad_token_id: int, image_proce
             segment_ids[row_index, start:end] = segment
             sample_ids[row_index, start:end] = sample_index
             if sample.num_images:
-                pixel_values.append(sample.pixel_values)
-                grids.append(sample.image_grid_thw)
+                image_inputs.append(sample.image_inputs)
             start, sample_index = end, sample_index + 1
         # Padding continues the positions from 0 like one more (unsupervised) sequence.
         position_ids[row_index, start:] = torch.arange(row_len - start)
@@ -237,28 +250,28 @@ def collate_rows(rows: list[list[EncodedSample]], pad_token_id: int, image_proce
         "segment_ids": segment_ids,
         "sample_ids": sample_ids,
     }
-    if pixel_values:
-        batch["pixel_values"] = torch.cat(pixel_values)
-        batch["image_grid_thw"] = torch.cat(grids)
+    if image_inputs:
+        batch.update({key: torch.cat([inputs[key] for inputs in image_inputs]) for key in image_inputs[0]})
     else:
-        batch["pixel_values"], batch["image_grid_thw"] = dummy_image(image_processor)
+        batch.update(dummy_image)
         batch["image_token_weight"] = torch.zeros(())
     return batch
 
 
-def filler_batch(pad_token_id: int, image_processor) -> dict[str, torch.Tensor]:
+def filler_batch(pad_token_id: int, dummy_image: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An unsupervised two-token row with the dummy image: lets a rank with less data run the same number of
     forwards as the others (ZeRO-3 / FSDP gather parameters in every forward) without changing the loss."""
     pads = torch.tensor([pad_token_id, pad_token_id])
-    return collate_rows([[EncodedSample(pads, torch.full_like(pads, IGNORE_INDEX))]], pad_token_id, image_processor)
+    return collate_rows([[EncodedSample(pads, torch.full_like(pads, IGNORE_INDEX))]], pad_token_id, dummy_image)
 
 
 __all__ = [
     "IGNORE_INDEX",
+    "IMAGE_INPUT_NAMES",
     "EncodedSample",
     "SampleEncoder",
     "SampleTooLongError",
     "collate_rows",
-    "dummy_image",
+    "dummy_image_inputs",
     "filler_batch",
 ]

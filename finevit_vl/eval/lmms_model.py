@@ -132,13 +132,7 @@ class FineViTVL(lmms):
             processor = copy.copy(processor)
             processor.image_processor = copy.deepcopy(processor.image_processor)
             self.processor = processor
-        image_processor = processor.image_processor
-        if max_pixels is not None:
-            image_processor.max_pixels = int(max_pixels)
-        if min_pixels is not None:
-            image_processor.min_pixels = int(min_pixels)
-        if image_processor.min_pixels > image_processor.max_pixels:
-            raise ValueError(f"min_pixels ({image_processor.min_pixels}) exceeds max_pixels ({image_processor.max_pixels})")
+        processor.set_pixel_budget(min_pixels, max_pixels)
         if accelerator is not None:
             self.accelerator = accelerator
             if accelerator.num_processes > 1:

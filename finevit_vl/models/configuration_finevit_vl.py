@@ -1,5 +1,6 @@
 # Copyright 2026 The FineViT-VL Authors. Licensed under the Apache License, Version 2.0.
-"""FineViT-VL configuration: a FineViT encoder, a projector and any causal LLM."""
+"""FineViT-VL configuration: a vision encoder (FineViT or a supported transformers tower), a projector and any causal
+LLM."""
 
 from typing import ClassVar
 
@@ -7,20 +8,24 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.auto.configuration_auto import AutoConfig
 
 from .configuration_finevit import FineViTConfig
+from .vision_tower_specs import vision_tower_spec
 
 
 class FineViTVLConfig(PreTrainedConfig):
     r"""
-    Configuration of a FineViT-VL model: `vision_config` is a [`FineViTConfig`], `text_config` is the config of ANY
-    causal language model known to `AutoConfig` (Qwen3, Llama, ...).
+    Configuration of a FineViT-VL model: `vision_config` is a [`FineViTConfig`] or the config of a supported
+    transformers vision tower (SigLIP, SigLIP2 NaFlex, Qwen2-VL / Qwen2.5-VL, CLIP, DINOv2: see
+    `vision_tower_specs.py`), `text_config` is the config of ANY causal language model known to `AutoConfig`.
 
     Args:
-        vision_config (`FineViTConfig` or `dict`, *optional*): the encoder configuration.
+        vision_config (`PreTrainedConfig` or `dict`, *optional*): the encoder configuration; a dict keeps its own
+            `model_type` (FineViT when it has none).
         text_config (`PreTrainedConfig` or `dict`, *optional*): the LLM configuration (`model_type` selects the class).
         image_token_id (`int`, *optional*): vocabulary id of the image placeholder token.
         vision_feature_layer (`int` or `list[int]`, *optional*, defaults to -1): encoder layer(s) fed to the
-            projector. -1 is the final (normed) output; other indices select `hidden_states[i]`; several layers are
-            concatenated along the channel axis.
+            projector. -1 is the tower's `last_hidden_state` (FineViT: the final, normed output); other indices select
+            `hidden_states[i]` (0: patch embeddings, i: output of block i); several layers are concatenated along the
+            channel axis.
         spatial_merge_size (`int`, *optional*, defaults to 2): side of the patch group merged into one LLM token
             (1 disables merging).
         projector_hidden_act (`str`, *optional*, defaults to `"gelu"`): activation of the 2-layer MLP projector.
@@ -57,17 +62,21 @@ class FineViTVLConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.vision_config, dict) and self.vision_config.get("model_type", "finevit") != "finevit":
+            vision = dict(self.vision_config)
+            self.vision_config = AutoConfig.for_model(vision.pop("model_type"), **vision)
         super().__post_init__(**kwargs)
+        spec = vision_tower_spec(self.vision_config.model_type)
         # The v5 tying code reads the OUTER config; text configs of many LLMs carry the flag themselves.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
         if self.spatial_merge_size < 1:
             raise ValueError(f"spatial_merge_size must be >= 1, got {self.spatial_merge_size}")
-        if self.spatial_merge_size != self.vision_config.spatial_merge_size:
+        if spec.merge_size_key and getattr(self.vision_config, spec.merge_size_key) != self.spatial_merge_size:
             # The encoder orders patches by merge group; both sides must agree for the merge to be a reshape.
-            self.vision_config.spatial_merge_size = self.spatial_merge_size
+            setattr(self.vision_config, spec.merge_size_key, self.spatial_merge_size)
         layers = [self.vision_feature_layer] if isinstance(self.vision_feature_layer, int) else self.vision_feature_layer
-        num_layers = self.vision_config.num_hidden_layers
+        num_layers = spec.num_layers(self.vision_config)
         for layer in layers:
             if not -num_layers - 1 <= layer <= num_layers:
                 raise ValueError(f"vision_feature_layer {layer} out of range for a {num_layers}-layer encoder")

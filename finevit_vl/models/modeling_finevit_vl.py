@@ -1,5 +1,6 @@
 # Copyright 2026 The FineViT-VL Authors. Licensed under the Apache License, Version 2.0.
-"""PyTorch FineViT-VL: FineViT encoder -> 2x2 merge + MLP projector -> any causal LLM."""
+"""PyTorch FineViT-VL: vision encoder (FineViT or a supported transformers tower) -> 2x2 merge + MLP projector -> any
+causal LLM."""
 
 import math
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from transformers.models.auto import AutoModel
 from transformers.utils import logging
 
 from .configuration_finevit_vl import FineViTVLConfig
-from .modeling_finevit import FineViTModel
+from .vision_adapters import build_vision_tower, encode_images
+from .vision_tower_specs import vision_tower_spec
 
 
 logger = logging.get_logger(__name__)
@@ -101,7 +103,8 @@ class FineViTVLProjector(nn.Module):
         super().__init__()
         self.merge_unit = config.spatial_merge_size**2
         num_feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
-        input_size = config.vision_config.hidden_size * num_feature_layers * self.merge_unit
+        vision_size = vision_tower_spec(config.vision_config.model_type).hidden_size(config.vision_config)
+        input_size = vision_size * num_feature_layers * self.merge_unit
         text_size = config.text_config.hidden_size
         intermediate_size = config.projector_intermediate_size or text_size
         self.norm = nn.LayerNorm(input_size, eps=1e-6)
@@ -148,9 +151,9 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
 
     def __init__(self, config: FineViTVLConfig) -> None:
         super().__init__(config)
-        self.vision_tower = FineViTModel(config.vision_config)
-        # The contrastive pooling head is unused here; frozen so DDP / FSDP see no parameters without gradients.
-        self.vision_tower.head.requires_grad_(False)
+        # Modules of the tower this model never runs (pooling heads, its own merger) come back frozen, so DDP / FSDP
+        # see no parameters without gradients.
+        self.vision_tower = build_vision_tower(config.vision_config)
         self.multi_modal_projector = FineViTVLProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -165,40 +168,38 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         return_dict: bool = True,
         **kwargs,
     ) -> tuple | BaseModelOutputWithPooling:
         r"""
-        Encode packed images and project them into the LLM's embedding space.
+        Encode images and project them into the LLM's embedding space.
 
         Args:
-            pixel_values (`torch.Tensor` of shape `(total_patches, num_channels * patch_size**2)`): packed patches.
+            pixel_values (`torch.Tensor`): what the tower's image processor emits: packed patches `(total_patches,
+                C * p * p)` (FineViT, Qwen-VL), a padded batch `(num_images, max_patches, C * p * p)` (SigLIP2 NaFlex)
+                or fixed-size images `(num_images, C, H, W)`.
             image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`): patch grid of each image.
+            pixel_attention_mask, spatial_shapes (`torch.Tensor`, *optional*): the NaFlex padding mask and grids.
             vision_feature_layer (`int` or `list[int]`, *optional*): overrides `config.vision_feature_layer`.
 
         Returns:
-            `BaseModelOutputWithPooling` whose `last_hidden_state` holds the encoder's patch features and whose
-            `pooler_output` is a tuple with one `(num_image_tokens_i, text_hidden_size)` tensor per image.
+            `BaseModelOutputWithPooling` whose `last_hidden_state` holds the patch features fed to the projector
+            (merge-group-major, grids padded to the merge size) and whose `pooler_output` is a tuple with one
+            `(num_image_tokens_i, text_hidden_size)` tensor per image.
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         layers = [layer] if isinstance(layer, int) else list(layer)
-        need_hidden_states = any(i != -1 for i in layers)
-        vision_outputs = self.vision_tower(
-            pixel_values, image_grid_thw, output_hidden_states=need_hidden_states, return_pooled=False, return_dict=True
-        )
-        # -1 means the final, normed features; other indices select raw block outputs.
-        selected = [vision_outputs.last_hidden_state if i == -1 else vision_outputs.hidden_states[i] for i in layers]
-        features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
-        image_embeds = self.multi_modal_projector(features, image_grid_thw)
+        image_inputs = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        if pixel_attention_mask is not None:
+            image_inputs.update(pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes)
+        features, merged_grid_thw = encode_images(self.vision_tower, image_inputs, layers, self.config.spatial_merge_size)
+        image_embeds = self.multi_modal_projector(features, merged_grid_thw)
         merge_unit = self.config.spatial_merge_size**2
-        split_sizes = (image_grid_thw.prod(-1) // merge_unit).tolist()
-        image_embeds = torch.split(image_embeds, split_sizes)
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=vision_outputs.last_hidden_state,
-            pooler_output=image_embeds,
-            hidden_states=vision_outputs.hidden_states,
-        )
+        split_sizes = (merged_grid_thw.prod(-1) // merge_unit).tolist()
+        output = BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=torch.split(image_embeds, split_sizes))
         return output if return_dict else output.to_tuple()
 
     def get_placeholder_mask(
@@ -231,6 +232,8 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.LongTensor | None = None,
         image_token_weight: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         cache: Cache | None = None,
@@ -239,6 +242,7 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
         r"""
         Args:
             image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*): patch grid of each image.
+            pixel_attention_mask, spatial_shapes (`torch.Tensor`, *optional*): NaFlex towers' padding mask and grids.
             image_token_weight (`torch.Tensor`, *optional*): scale applied to the projected image features before
                 they are scattered into the text. The trainer passes 0 for a dummy image on text-only batches so that
                 every rank of a sharded engine runs the vision path (ZeRO-3 / FSDP never hang) without changing the
@@ -259,7 +263,7 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values, image_grid_thw)
+            image_outputs = self.get_image_features(pixel_values, image_grid_thw, pixel_attention_mask, spatial_shapes)
         image_features = None
         if image_outputs is not None:
             image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
@@ -325,7 +329,7 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
         self.lm_head = new_embeddings
 
     @property
-    def vision_tower(self) -> FineViTModel:
+    def vision_tower(self) -> nn.Module:
         return self.model.vision_tower
 
     @property
@@ -337,9 +341,14 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
         return self.model.language_model
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        **kwargs,
     ) -> tuple | BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
+        return self.model.get_image_features(pixel_values, image_grid_thw, pixel_attention_mask, spatial_shapes, **kwargs)
 
     def forward(
         self,
@@ -350,6 +359,8 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.LongTensor | None = None,
         image_token_weight: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -360,8 +371,9 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids with image tokens.
-            pixel_values (`torch.Tensor` of shape `(total_patches, num_channels * patch_size**2)`, *optional*).
+            pixel_values (`torch.Tensor`, *optional*): the tower's image-processor output (see `get_image_features`).
             image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*).
+            pixel_attention_mask, spatial_shapes (`torch.Tensor`, *optional*): NaFlex towers only.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): LM targets, -100 ignored.
             logits_to_keep (`int` or `torch.Tensor`, *optional*): compute logits only for the last N positions.
         """
@@ -373,6 +385,8 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             image_grid_thw=image_grid_thw,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
             image_token_weight=image_token_weight,
             mm_encoder_outputs=mm_encoder_outputs,
             cache=cache if cache is not None else past_key_values,

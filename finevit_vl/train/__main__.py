@@ -146,11 +146,11 @@ def run(config) -> dict:
         samples = load_eval_samples(build_source(config.data.eval), eval_encoder, config.eval.max_samples, rank, world,
                                     BadRecordLog(bad_records.path, rank))
         held_out = HeldOutLoss(samples, config.train.micro_batch_size, processor.tokenizer.pad_token_id,
-                               processor.image_processor)
-    logger.info("%d process(es); %d samples per step = %d per rank in micro-batches of %d %s; max_pixels %d",
+                               eval_encoder.dummy_image_inputs)
+    logger.info("%d process(es); %d samples per step = %d per rank in micro-batches of %d %s; max_pixels %s",
                 world, config.train.global_batch_size, config.train.global_batch_size // world,
                 config.train.micro_batch_size, "packed rows" if config.data.pack else "samples",
-                processor.image_processor.max_pixels)
+                getattr(processor.image_processor, "max_pixels", None))
     # 4. Train, evaluate, export.
     trainer = Trainer(config, accelerator, model, processor, base_path, stream, held_out, plan.run_id)
     if config.logging.log_with:

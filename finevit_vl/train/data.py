@@ -320,9 +320,8 @@ class TrainStream:
             rows = [[samples[i] for i in row] for row in pack_rows([s.length for s in samples], self.encoder.max_length)]
         else:
             rows = [[sample] for sample in samples]
-        image_processor = self.encoder.image_processor
         micro_batches = [
-            collate_rows(rows[i : i + self.micro_batch_size], self.pad_token_id, image_processor)
+            collate_rows(rows[i : i + self.micro_batch_size], self.pad_token_id, self.encoder.dummy_image_inputs)
             for i in range(0, len(rows), self.micro_batch_size)
         ]
         return StepBatch(

@@ -38,12 +38,14 @@ class HeldOutLoss:
     Every rank runs the same number of forwards (empty ones are a dummy text row), so sharded engines never hang.
     """
 
-    def __init__(self, samples: list[EncodedSample], micro_batch_size: int, pad_token_id: int, image_processor) -> None:
+    def __init__(
+        self, samples: list[EncodedSample], micro_batch_size: int, pad_token_id: int, dummy_image: dict[str, torch.Tensor]
+    ) -> None:
         self.batches = [
-            collate_rows([[s] for s in samples[i : i + micro_batch_size]], pad_token_id, image_processor)
+            collate_rows([[s] for s in samples[i : i + micro_batch_size]], pad_token_id, dummy_image)
             for i in range(0, len(samples), micro_batch_size)
         ]
-        self.filler = filler_batch(pad_token_id, image_processor)
+        self.filler = filler_batch(pad_token_id, dummy_image)
 
     @torch.no_grad()
     def __call__(self, trainer) -> dict:

@@ -4,12 +4,14 @@ Parameters belong to one of three modules, by the standard attribute names: `vis
 and `language_model` (which also owns `lm_head`). PEFT-wrapped names (`base_model.model...`, `lora_A`,
 `modules_to_save`) map the same way, so the report and the per-module learning rates work for LoRA runs too.
 
-The encoder's attention-pooling head (`vision_tower.head`, used by contrastive Stage II) is not part of the VL
-forward and is always frozen: a trainable parameter without gradients breaks DDP and wastes optimizer state.
+Modules of the encoder that the VL forward never runs (FineViT's attention-pooling head, used by contrastive Stage
+II; SigLIP's head; Qwen-VL's own merger; ...: each tower's spec declares them) are always frozen: a trainable
+parameter without gradients breaks DDP and wastes optimizer state.
 """
 
 from torch import nn
 
+from ..models.vision_tower_specs import vision_tower_spec
 from ..parameters import is_peft_original
 from .config import MODULES, ModulesConfig
 
@@ -25,17 +27,23 @@ def module_of(parameter_name: str) -> str:
     raise ValueError(f"parameter {parameter_name!r} belongs to none of {MODULES} (or lm_head)")
 
 
-def unused_in_vl(parameter_name: str) -> bool:
-    """True for parameters the FineViT-VL forward never touches (the encoder's pooling head)."""
-    parts = parameter_name.split(".")
-    return "vision_tower" in parts and "head" in parts[parts.index("vision_tower"):]
+def unused_vision_modules(model: nn.Module) -> tuple[str, ...]:
+    """`vision_tower.<name>` of each encoder module the VL forward never runs, from the tower's spec."""
+    vision_config = model.config.vision_config
+    return tuple(f"vision_tower.{name}" for name in vision_tower_spec(vision_config.model_type).unused_modules)
+
+
+def unused_in_vl(parameter_name: str, unused_modules: tuple[str, ...]) -> bool:
+    """True for parameters the FineViT-VL forward never touches (see `unused_vision_modules`)."""
+    return any(f".{prefix}." in f".{parameter_name}." for prefix in unused_modules)
 
 
 def apply_freeze(model: nn.Module, modules: ModulesConfig | None = None) -> None:
     """Set `requires_grad` of every parameter from its module's `train` flag (`None`: keep it, e.g. after PEFT
     wrapping); parameters unused by the VL forward are frozen either way."""
+    unused = unused_vision_modules(model)
     for name, parameter in model.named_parameters():
-        if unused_in_vl(name):
+        if unused_in_vl(name, unused):
             parameter.requires_grad_(False)
         elif modules is not None:
             parameter.requires_grad_(getattr(modules, module_of(name)).train)

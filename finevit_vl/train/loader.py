@@ -51,15 +51,22 @@ class RecordResult:
 
     def __setstate__(self, state: dict) -> None:
         if state["sample"] is not None:
-            state["sample"] = EncodedSample(**{name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
-                                               for name, value in state["sample"].items()})
+            state["sample"] = EncodedSample(**{name: _to_torch(value) for name, value in state["sample"].items()})
         self.__dict__.update(state)
 
 
 def _to_numpy(value):
+    if isinstance(value, dict):  # the sample's image inputs
+        return {name: _to_numpy(item) for name, item in value.items()}
     if isinstance(value, torch.Tensor) and value.dtype != torch.bfloat16:  # numpy has no bfloat16
         return value.numpy()
     return value
+
+
+def _to_torch(value):
+    if isinstance(value, dict):
+        return {name: _to_torch(item) for name, item in value.items()}
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 class EncodedRecords(IterableDataset):

@@ -19,7 +19,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..data.collator import filler_batch
+from ..data.collator import IMAGE_INPUT_NAMES, dummy_image_inputs, filler_batch
 from ..data.packing import attention_inputs
 from .checkpoint import CheckpointManager
 from .config import Config, config_to_dict
@@ -56,10 +56,10 @@ class Trainer:
         self.mask_dtype = MIXED_PRECISION_DTYPES.get(accelerator.mixed_precision, self.vision_dtype)
         self.checkpoints = CheckpointManager(accelerator, config.run_dir, config.train.keep_last, run_id)
         self.metrics = MetricsWriter(accelerator, config.run_dir)
-        self.filler = filler_batch(processor.tokenizer.pad_token_id, processor.image_processor)
+        self.filler = filler_batch(processor.tokenizer.pad_token_id, dummy_image_inputs(processor))
         peak = peak_flops_per_device(config.logging.peak_tflops, self.mask_dtype)
         self.throughput = Throughput(counts, peak, accelerator.num_processes)
-        self.merge_unit = processor.image_processor.merge_size**2
+        self.merge_unit = processor.merge_size**2
         self.step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
@@ -73,8 +73,8 @@ class Trainer:
         weight = batch.get("image_token_weight")
         outputs = self.model(
             input_ids=batch["input_ids"].to(device),
-            pixel_values=batch["pixel_values"].to(device, self.vision_dtype),
-            image_grid_thw=batch["image_grid_thw"].to(device),
+            **{name: batch[name].to(device, self.vision_dtype if batch[name].is_floating_point() else None)
+               for name in IMAGE_INPUT_NAMES if name in batch},
             image_token_weight=None if weight is None else weight.to(device),
             use_cache=False,
             **{key: value.to(device) for key, value in inputs.items()},
