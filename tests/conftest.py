@@ -19,7 +19,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-from finevit_vl.tiny import build_tiny_model, build_tokenizer  # importing the package registers the Auto classes
+from finevit_vl.data.collator import IMAGE_INPUT_NAMES  # noqa: E402  (importing the package registers the Auto classes)
+from finevit_vl.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
@@ -34,8 +35,8 @@ def assert_greedy_continuation(model, inputs, out: torch.Tensor, new_tokens: int
     assert out.shape == (1, prompt_len + new_tokens)
     assert torch.equal(out[:, :prompt_len], inputs["input_ids"])
     with torch.no_grad():
-        logits = model(input_ids=out, attention_mask=torch.ones_like(out), pixel_values=inputs["pixel_values"],
-                       image_grid_thw=inputs["image_grid_thw"]).logits
+        images = {name: inputs[name] for name in IMAGE_INPUT_NAMES if name in inputs}
+        logits = model(input_ids=out, attention_mask=torch.ones_like(out), **images).logits
     assert torch.equal(logits[0, prompt_len - 1 : -1].argmax(-1), out[0, prompt_len:])
 
 
