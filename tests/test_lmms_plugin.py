@@ -52,10 +52,11 @@ def _run(model, docs, gen_kwargs=GREEDY):
     return model.generate_until(_requests(docs, gen_kwargs))
 
 
-def _reference_answers(checkpoint, docs) -> list[str]:
+def _reference_answers(checkpoint, docs, max_pixels: int | None = None) -> list[str]:
     """Each doc answered without the plugin: its image and question in the chat template, greedy `generate`."""
     model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
+    processor.set_pixel_budget(max_pixels=max_pixels)
     answers = []
     for doc in docs:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": doc["question"]}]}]
@@ -152,3 +153,12 @@ def test_entry_point_manifest_resolves():
 
     assert models.get_model("finevit_vl") is FineViTVL
     assert FineViTVL.is_simple is False
+
+
+@pytest.mark.parametrize("vision_preset", ["siglip2-naflex-test", "qwen2-vl-test", "clip-test"])
+def test_plugin_serves_other_vision_towers(tmp_path, docs, vision_preset):
+    checkpoint = save_tiny_checkpoint(str(tmp_path / "vl"), text_model_type="qwen3", seed=0, vision_preset=vision_preset)
+    batched = _run(FineViTVL(pretrained=checkpoint, batch_size=3, device="cpu", dtype="float32", max_pixels=96 * 96), docs)
+    expected = _reference_answers(checkpoint, docs, max_pixels=96 * 96)
+    assert len(set(expected)) > 1, "the tiny model answers every doc alike; the comparison would be vacuous"
+    assert batched == expected
