@@ -1,5 +1,5 @@
 """Where local copies of the benchmarks live: ``DATA_DIR/<folder>/<split>.parquet``, one folder per dataset, in the
-dataset's own columns. The one owner of that layout, for the lmms-eval tasks that read it
+dataset's own columns (`parquet_features`). The one owner of that layout, for the lmms-eval tasks that read it
 (`finevit_vl.eval.tasks_path`), `finevit-vl make-data` that writes its held-out splits there, and the run report that
 scores its baselines on them."""
 
@@ -31,4 +31,34 @@ PARQUET_FILES: dict[str, str] = {
 }
 
 
-__all__ = ["LOCAL_FOLDERS", "PARQUET_FILES", "parquet_file"]
+def parquet_features(name: str):
+    """The `datasets.Features` of the ``PARQUET_FILES[name]`` file: the columns the benchmark's task reads, plus its image."""
+    from datasets import Features, List, Value  # heavy; only the writers need it
+    from datasets import Image as ImageFeature
+
+    text, texts = Value("string"), List(Value("string"))
+    columns = {
+        "docvqa": {
+            "questionId": text,
+            "question": text,
+            "answers": texts,
+            "question_types": texts,
+            "docId": Value("int64"),
+            "ucsf_document_id": text,
+            "ucsf_document_page_no": text,
+        },
+        "chartqa": {"question": text, "answer": text, "type": text},
+        "ocrbench": {"question": text, "answer": texts, "dataset": text, "question_type": text},
+        "countbench": {"question": text, "number": Value("int64"), "text": text},
+        "refcoco": {
+            "question_id": text,
+            "answer": texts,
+            "bbox": List(Value("float64")),
+            "segmentation": List(Value("float64")),
+            "file_name": text,
+        },
+    }[name]
+    return Features({**columns, "image": ImageFeature()})
+
+
+__all__ = ["LOCAL_FOLDERS", "PARQUET_FILES", "parquet_features", "parquet_file"]

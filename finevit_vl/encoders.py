@@ -84,8 +84,9 @@ def preset_config(name: str, max_pixels: int = 224 * 224, merge_size: int = 2) -
                                       fullatt_block_indexes=list(range(depth - 1, -1, -max(1, depth // 2)))[::-1])
     common = {"hidden_size": width, "num_hidden_layers": depth, "num_attention_heads": heads}
     if family == "siglip2-naflex":
-        return Siglip2VisionConfig(**common, intermediate_size=4 * width, patch_size=16,
-                                   num_patches=max(16, max_pixels // 16**2))
+        # The learned position table is square (resized to each image's grid): about the budget's patch grid.
+        side = max(4, round(math.sqrt(max_pixels) / 16))
+        return Siglip2VisionConfig(**common, intermediate_size=4 * width, patch_size=16, num_patches=side * side)
     if family == "siglip":
         return SiglipVisionConfig(**common, intermediate_size=4 * width, patch_size=16,
                                   image_size=fixed_side(max_pixels, 16, merge_size))

@@ -19,8 +19,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-from finevit_vl.data.collator import IMAGE_INPUT_NAMES  # noqa: E402  (importing the package registers the Auto classes)
-from finevit_vl.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from finevit_vl.data.collator import IMAGE_INPUT_NAMES  # importing the package registers the Auto classes
+from finevit_vl.tiny import build_tiny_model, build_tokenizer
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:

@@ -12,12 +12,17 @@ from PIL import Image
 from finevit_vl.data import (
     BadRecordError,
     HFDatasetSource,
+    HFDatasetSourceConfig,
     JsonlSource,
+    JsonlSourceConfig,
     MixtureSource,
+    MixtureSourceConfig,
     WebDatasetSource,
+    WebDatasetSourceConfig,
     build_source,
     load_record_images,
     open_image,
+    resolve_source_paths,
 )
 
 
@@ -317,22 +322,46 @@ def test_hf_source_with_path_column(dataset, tmp_path):
 
 def test_build_source(dataset, tmp_path):
     root = dataset["root"]
-    config = {
-        "type": "mixture",
-        "weights": [1, 1],
-        "seed": 5,
-        "sources": [{"type": "jsonl", "path": "train.jsonl"}, {"type": "webdataset", "shards": "shard-*.tar"}],
-    }
+    config = MixtureSourceConfig(
+        sources=[JsonlSourceConfig("train.jsonl"), WebDatasetSourceConfig("shard-*.tar")], weights=[1, 1], seed=5
+    )
     mixture = build_source(config, base_dir=root)
     assert isinstance(mixture, MixtureSource) and mixture.seed == 5
     assert isinstance(mixture.sources[1], WebDatasetSource) and len(mixture.sources[1].shards) == 2
-    hf = build_source({"type": "hf", "path": str(root / "train.parquet"), "cache_dir": str(tmp_path / "c")})
+    hf = build_source(HFDatasetSourceConfig(str(root / "train.parquet"), cache_dir=str(tmp_path / "c")))
     assert len(hf) == NUM_RECORDS
-    with pytest.raises(ValueError, match="'type' must be one of"):
+    # The YAML form builds the same sources, through the config loader and its errors.
+    same = build_source({"type": "mixture", "weights": [1, 1], "seed": 5, "sources": [
+        {"type": "jsonl", "path": "train.jsonl"}, {"type": "webdataset", "shards": "shard-*.tar"}]}, base_dir=root)
+    assert repr(same) == repr(mixture)
+    with pytest.raises(ValueError, match=r"config key source\.type: expected one of \['hf', 'jsonl', 'mixture'"):
         build_source({"type": "csv", "path": "x"})
-    with pytest.raises(ValueError, match="a 'jsonl' source takes"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['source\.root'\]"):
         build_source({"type": "jsonl", "path": "train.jsonl", "root": "."}, base_dir=root)
     with pytest.raises(ValueError, match="JSONL file not found"):
-        build_source({"type": "jsonl", "path": "nope.jsonl"}, base_dir=root)
+        build_source(JsonlSourceConfig("nope.jsonl"), base_dir=root)
     with pytest.raises(ValueError, match="WebDataset shards not found"):
-        build_source({"type": "webdataset", "shards": "none-*.tar"}, base_dir=root)
+        build_source(WebDatasetSourceConfig("none-*.tar"), base_dir=root)
+
+
+def test_source_paths_resolve_relative_and_home_but_keep_hub_names(tmp_path, monkeypatch):
+    home, base = tmp_path / "home", tmp_path / "base"
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "x.parquet").touch()
+    monkeypatch.setenv("HOME", str(home))
+    config = MixtureSourceConfig(sources=[
+        JsonlSourceConfig("~/train.jsonl", image_root="images"),
+        WebDatasetSourceConfig(["a-*.tar", "/abs/b.tar"]),
+        HFDatasetSourceConfig("org/name", cache_dir="~/cache"),  # matches nothing locally: a hub name
+        HFDatasetSourceConfig("~/data/x.parquet"),
+        HFDatasetSourceConfig("data/*.parquet", image_root="~"),
+    ])
+    jsonl, shards, hub, home_file, glob_files = resolve_source_paths(config, base_dir=base).sources
+    assert jsonl == JsonlSourceConfig(str(home / "train.jsonl"), image_root=str(base / "images"))
+    assert shards.shards == [str(base / "a-*.tar"), "/abs/b.tar"]
+    assert (hub.path, hub.cache_dir) == ("org/name", str(home / "cache"))
+    assert home_file.path == str(home / "data" / "x.parquet")
+    assert glob_files.path == "data/*.parquet" and glob_files.image_root == str(home)  # nothing under base/data
+    local = resolve_source_paths(HFDatasetSourceConfig("data/*.parquet"), base_dir=home)
+    assert local.path == str(home / "data" / "*.parquet")
+    assert resolve_source_paths(config, base_dir=base) == resolve_source_paths(resolve_source_paths(config, base), base)

@@ -11,7 +11,8 @@ from PIL import Image
 from finevit_vl import prompts
 from finevit_vl.benchmark_data import PARQUET_FILES
 from finevit_vl.data import JsonlSource, load_record_images, record_to_messages
-from finevit_vl.data.synthetic import COLORS, FAMILIES, main
+from finevit_vl.data.scenes import COLORS, FAMILIES
+from finevit_vl.data.synthetic import main
 from finevit_vl.eval import tasks_path
 from finevit_vl.report import SYNTHETIC_TASKS
 
@@ -231,7 +232,7 @@ def test_chart_bars_sit_one_per_token_column_and_the_width_does_not_give_the_cou
     wide, so the count must be read from the bars, not from the number of image tokens."""
     import random
 
-    from finevit_vl.data.synthetic import CHART_COLUMNS, TOKEN_CELL, Settings, make_chart
+    from finevit_vl.data.scenes import CHART_COLUMNS, TOKEN_CELL, Settings, make_chart
 
     widths, counts, asked = set(), set(), 0
     for index in range(40):
@@ -261,7 +262,7 @@ def test_ocr_glyphs_sit_one_per_token_cell_left_aligned():
     strip of constant width: the answer's i-th character is drawn in the image's i-th token and nowhere else."""
     import random
 
-    from finevit_vl.data.synthetic import OCR_CELLS, TOKEN_CELL, Settings, make_ocr
+    from finevit_vl.data.scenes import OCR_CELLS, TOKEN_CELL, Settings, make_ocr
 
     lengths, numbers = set(), 0
     for index in range(40):

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finevit_vl.train.config import load_config, save_config
+from finevit_vl.data import HFDatasetSourceConfig, JsonlSourceConfig, MixtureSourceConfig
+from finevit_vl.train.config import config_to_dict, load_config, save_config
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "train_configs"
@@ -21,7 +22,7 @@ def test_overrides_are_yaml_typed_and_dotted(tmp_path):
     assert config.train.max_steps == 7 and config.data.pack is False
     assert config.modules.vision_tower.lr == 1e-5 and config.eval.tasks == ["a", "b"]
     assert config.run_dir == str(tmp_path / "run")
-    assert Path(config.data.train["path"]).is_absolute()  # stored absolute: the run folder reproduces the run
+    assert Path(config.data.train.path).is_absolute()  # stored absolute: the run folder reproduces the run
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -38,6 +39,46 @@ def test_resolved_config_round_trips(tmp_path):
     ("trainmax_steps", "not key=value"),
 ])
 def test_mistakes_raise_actionable_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIG_DIR / "tiny_cpu_stage3.yaml", [override])
+
+
+def test_data_sources_are_typed_and_round_trip(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    mixture = ('data.train={type: mixture, seed: 3, weights: [1, "2"], sources: [{type: jsonl, path: a.jsonl}, '
+               '{type: hf, path: org/name, split: test}, {type: jsonl, path: ~/b.jsonl, image_root: img}]}')
+    config = load_config(CONFIG_DIR / "tiny_cpu_sft.yaml", [mixture, "data.eval.path=e.jsonl"])
+    assert config.data.train == MixtureSourceConfig(
+        sources=[
+            JsonlSourceConfig(str(tmp_path / "a.jsonl")),
+            HFDatasetSourceConfig("org/name", split="test"),  # a hub name: as written
+            JsonlSourceConfig(str(tmp_path / "home" / "b.jsonl"), image_root=str(tmp_path / "img")),
+        ],
+        weights=[1.0, 2.0],
+        seed=3,
+    )
+    assert config.data.eval == JsonlSourceConfig(str(tmp_path / "e.jsonl"))
+    saved = config_to_dict(config)["data"]
+    assert saved["eval"] == {"type": "jsonl", "path": str(tmp_path / "e.jsonl"), "image_root": None}
+    assert saved["train"]["type"] == "mixture" and saved["train"]["sources"][1]["type"] == "hf"
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.train={type: csv, path: x}", r"config key data\.train\.type: expected one of \['hf', 'jsonl', 'mixture'"),
+    ("data.train={type: jsonl, path: x, root: .}", r"unknown config key\(s\) \['data\.train\.root'\]"),
+    ("data.train={type: jsonl}", r"missing config key\(s\) \['data\.train\.path'\]"),
+    ("data.train=data/x.jsonl", r"config key data\.train: expected a mapping with a type"),
+    ("data.train={type: mixture, sources: [{type: hf, path: x, split: 3}]}",
+     r"config key data\.train\.sources\[0\]\.split: expected a string, got 3"),
+    ("data.train={type: mixture, sources: [], weights: [a]}", r"config key data\.train\.weights\[0\]: expected a number"),
+    ("data.train={type: mixture, sources: [], seed: x}", r"config key data\.train\.seed: expected an integer"),
+    ("data.train={type: webdataset, shards: {a: 1}}", r"config key data\.train\.shards: expected"),
+    ("optim.betas=[0.9]", r"config key optim\.betas: expected a list of 2 values"),
+])
+def test_wrong_source_keys_and_types_name_the_dotted_key(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(CONFIG_DIR / "tiny_cpu_stage3.yaml", [override])
 

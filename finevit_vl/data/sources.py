@@ -19,9 +19,15 @@ sources split whole tar files instead when they have enough of them). Resume:
 ``state_dict()`` after consuming records, ``load_state_dict(state)`` on a fresh source with the same sharding, and
 iteration continues with the next record. A file source is a single cursor: iterating again continues where the last
 iteration stopped, and starts over after a complete pass. `MixtureSource` is endless.
+
+Configs: each source has a typed config (`JsonlSourceConfig`, `WebDatasetSourceConfig`, `HFDatasetSourceConfig`,
+`MixtureSourceConfig`; YAML ``{type: jsonl, path: ...}``), read by the loader of `finevit_vl.data.configs` like every
+other config section; `resolve_source_paths` is the one place that makes their paths absolute, and `build_source`
+turns a config (or its YAML form) into its source.
 """
 
 import copy
+import dataclasses
 import glob
 import hashlib
 import itertools
@@ -32,9 +38,11 @@ import random
 import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from .configs import from_mapping, to_mapping
 from .schema import Record
 
 
@@ -425,61 +433,121 @@ class MixtureSource:
             source.load_state_dict(source_state)
 
 
-# type -> (required keys, optional keys)
-_CONFIG_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    "jsonl": ({"path"}, {"image_root"}),
-    "webdataset": ({"shards"}, set()),
-    "hf": ({"path"}, {"split", "name", "image_column", "image_root", "cache_dir"}),
-    "mixture": ({"sources"}, {"weights", "seed"}),
-}
+# ---------------------------------------------------------------- configs: what a YAML file's data.train / data.eval say
 
 
-def build_source(config: dict[str, Any], base_dir: PathLike | None = None) -> Source:
-    """A source from a config dict, e.g. ``{"type": "jsonl", "path": "data/train.jsonl"}``.
+@dataclass
+class JsonlSourceConfig:
+    """``{type: jsonl, path, image_root}``: a `JsonlSource`."""
 
-    Types: ``jsonl`` (path, image_root), ``webdataset`` (shards: glob or list), ``hf`` (path, split, name,
-    image_column, image_root, cache_dir), ``mixture`` (sources: list of configs, weights, seed). Relative local paths
-    resolve against ``base_dir`` (e.g. the folder of the YAML file) when given.
+    type: ClassVar[str] = "jsonl"
+    path: str
+    image_root: str | None = None
+
+
+@dataclass
+class WebDatasetSourceConfig:
+    """``{type: webdataset, shards}``: a `WebDatasetSource`; ``shards`` is a glob or a list of paths / globs."""
+
+    type: ClassVar[str] = "webdataset"
+    shards: str | list[str]
+
+
+@dataclass
+class HFDatasetSourceConfig:
+    """``{type: hf, path, split, name, image_column, image_root, cache_dir}``: an `HFDatasetSource`."""
+
+    type: ClassVar[str] = "hf"
+    path: str  # a local folder / file / glob, or a hub name ("org/name")
+    split: str = "train"
+    name: str | None = None
+    image_column: str = "image"
+    image_root: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class MixtureSourceConfig:
+    """``{type: mixture, sources: [...], weights, seed}``: a `MixtureSource` of the member sources."""
+
+    type: ClassVar[str] = "mixture"
+    sources: list["SourceConfig"]
+    weights: list[float] | None = None  # None: equal weights
+    seed: int = 0
+
+
+# A data source config; its ``type`` (a class attribute, written first in YAML) says which.
+SourceConfig = JsonlSourceConfig | WebDatasetSourceConfig | HFDatasetSourceConfig | MixtureSourceConfig
+
+
+def describe_source(config: "SourceConfig | dict") -> str:
+    """A short, machine-independent description (for model cards): the type and the last two parts of each path."""
+    mapping = to_mapping(config)
+    if mapping.get("type") == "mixture":
+        parts = ", ".join(describe_source(source) for source in mapping["sources"])
+        return f"mixture of {parts} (weights {mapping.get('weights') or 'equal'})"
+    locations = mapping.get("path") or mapping.get("shards") or ""
+    locations = locations if isinstance(locations, list) else [locations]
+    shown = ", ".join("/".join(Path(str(location)).parts[-2:]) if os.path.isabs(str(location)) else str(location)
+                      for location in locations)
+    return f"{mapping.get('type')} `{shown}`"
+
+
+def resolve_source_paths(config: SourceConfig, base_dir: PathLike | None = None) -> SourceConfig:
+    """A copy of ``config`` whose local paths are absolute: ``~`` expanded, relative paths joined to ``base_dir``
+    (default: the working directory). An hf ``path`` that matches nothing locally is a hub name ("org/name") and
+    stays as written."""
+
+    def local(path: PathLike) -> str:
+        return str(Path(base_dir or os.getcwd(), Path(path).expanduser()).resolve())
+
+    def optional(path: PathLike | None) -> str | None:
+        return None if path is None else local(path)
+
+    if isinstance(config, MixtureSourceConfig):
+        return dataclasses.replace(config, sources=[resolve_source_paths(s, base_dir) for s in config.sources])
+    if isinstance(config, WebDatasetSourceConfig):
+        shards = config.shards
+        return dataclasses.replace(config, shards=local(shards) if isinstance(shards, (str, os.PathLike)) else list(map(local, shards)))
+    if isinstance(config, JsonlSourceConfig):
+        return dataclasses.replace(config, path=local(config.path), image_root=optional(config.image_root))
+    path = local(config.path)
+    return dataclasses.replace(
+        config, path=path if glob.glob(path) else config.path, image_root=optional(config.image_root),
+        cache_dir=optional(config.cache_dir),
+    )
+
+
+def build_source(config: SourceConfig | dict[str, Any], base_dir: PathLike | None = None) -> Source:
+    """The source a config describes: a `SourceConfig` or its YAML form, e.g. ``{"type": "jsonl", "path": "x.jsonl"}``.
+
+    Relative local paths resolve against ``base_dir`` (default: the working directory); see `resolve_source_paths`.
     """
-    kind = config.get("type")
-    if kind not in _CONFIG_KEYS:
-        raise ValueError(f"data source config {config!r}: 'type' must be one of {sorted(_CONFIG_KEYS)}")
-    required, optional = _CONFIG_KEYS[kind]
-    keys = set(config) - {"type"}
-    if not required <= keys or keys - required - optional:
-        raise ValueError(
-            f"data source config {config!r}: a {kind!r} source takes {sorted(required)} (required) and "
-            f"{sorted(optional)} (optional)"
-        )
-
-    def resolve(path: PathLike) -> str:
-        if base_dir is None or Path(path).is_absolute():
-            return str(path)
-        candidate = str(Path(base_dir, path))
-        # An hf path that matches nothing locally is a hub name ("org/name"): keep it as written.
-        return str(path) if kind == "hf" and not glob.glob(candidate) else candidate
-
-    options = {key: value for key, value in config.items() if key != "type"}
-    if kind == "mixture":
-        members = [build_source(member, base_dir) for member in options["sources"]]
-        return MixtureSource(members, options.get("weights"), options.get("seed", 0))
-    for key in ("path", "image_root", "cache_dir"):
-        if key in options and options[key] is not None:
-            options[key] = resolve(options[key])
-    if kind == "webdataset":
-        shards = options["shards"]
-        return WebDatasetSource([resolve(s) for s in shards] if isinstance(shards, list) else resolve(shards))
-    if kind == "jsonl":
-        return JsonlSource(**options)
-    return HFDatasetSource(**options)
+    if not isinstance(config, SourceConfig):
+        config = from_mapping(SourceConfig, config, "source")
+    config = resolve_source_paths(config, base_dir)
+    if isinstance(config, MixtureSourceConfig):
+        return MixtureSource([build_source(member) for member in config.sources], config.weights, config.seed)
+    if isinstance(config, WebDatasetSourceConfig):
+        return WebDatasetSource(config.shards)
+    if isinstance(config, JsonlSourceConfig):
+        return JsonlSource(config.path, config.image_root)
+    return HFDatasetSource(**dataclasses.asdict(config))
 
 
 __all__ = [
     "HFDatasetSource",
+    "HFDatasetSourceConfig",
     "JsonlSource",
+    "JsonlSourceConfig",
     "MixtureSource",
+    "describe_source",
+    "MixtureSourceConfig",
     "RecordSource",
     "Source",
+    "SourceConfig",
     "WebDatasetSource",
+    "WebDatasetSourceConfig",
     "build_source",
+    "resolve_source_paths",
 ]

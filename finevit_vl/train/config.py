@@ -4,18 +4,21 @@
 finevit-vl train train_configs/tiny_cpu_stage3.yaml train.max_steps=50 data.pack=true run_dir=runs/x
 ```
 
-Every section is a dataclass below; unknown keys raise `ValueError` naming the key and the allowed ones. Relative
-data and model paths resolve against the current directory and are stored absolute in `run_dir/config.yaml`, so a
-run can be reproduced from its folder (`finevit-vl train runs/x/config.yaml`).
+Every section is a dataclass below, and so is each data source (`data.train`, `data.eval`: the `SourceConfig`s of
+`finevit_vl.data.sources`, chosen by their `type`); unknown or missing keys and wrong types raise `ValueError` naming
+the dotted key. Relative data and model paths resolve against the current directory and are stored absolute in
+`run_dir/config.yaml`, so a run can be reproduced from its folder (`finevit-vl train runs/x/config.yaml`).
 """
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 import yaml
+
+from ..data.configs import from_mapping, to_mapping
+from ..data.sources import SourceConfig, resolve_source_paths
 
 
 MODULES: tuple[str, ...] = ("vision_tower", "multi_modal_projector", "language_model")
@@ -67,8 +70,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: dict[str, Any] | None = None  # a `finevit_vl.data.build_source` config, e.g. {type: jsonl, path: ...}
-    eval: dict[str, Any] | None = None
+    train: SourceConfig | None = None  # e.g. {type: jsonl, path: data/stage3/train.jsonl}
+    eval: SourceConfig | None = None
     box_format: str = "int1000"
     max_length: int = 2048  # tokens after image expansion; longer samples are skipped (bad records), never truncated
     min_pixels: int | None = None  # pixel budget of this stage, set on the image processor
@@ -183,47 +186,6 @@ class Config:
             )
 
 
-def _coerce(kind, value: Any, where: str) -> Any:
-    """Numbers written as strings (YAML reads `1e-5` as a string) become numbers; wrong types raise `ValueError`."""
-    options = get_args(kind) if get_origin(kind) in (Union, type(int | None)) else (kind,)
-    if value is None or isinstance(value, bool) or not any(t in (int, float) for t in options):
-        return value
-    if float in options and isinstance(value, (int, float, str)):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"config key {where}: expected a number, got {value!r}") from None
-    if int in options and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    if int in options and not isinstance(value, int) and str not in options:
-        raise ValueError(f"config key {where}: expected an integer, got {value!r}")
-    return value
-
-
-def _build(cls, data: Any, where: str):
-    """A dataclass from a dict, recursively; unknown keys raise `ValueError`."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ValueError(f"config section {where or 'root'} must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; allowed in {where or 'root'}: {sorted(fields)}")
-    hints = get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            value = _build(kind, value, f"{where}{name}.")
-        elif name == "betas" and value is not None:
-            value = tuple(float(v) for v in value)
-        else:
-            value = _coerce(kind, value, f"{where}{name}")
-        values[name] = value
-    return cls(**values)
-
-
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
@@ -249,20 +211,6 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def _resolve_source_paths(source: dict | None) -> None:
-    """Source paths relative to the working directory -> absolute (hub names stay as written)."""
-    if not source:
-        return
-    for member in source.get("sources", []):
-        _resolve_source_paths(member)
-    for key in ("path", "image_root", "cache_dir"):
-        if source.get(key) and (source.get("type") != "hf" or os.path.exists(source[key])):
-            source[key] = _absolute(source[key])
-    shards = source.get("shards")
-    if shards is not None:
-        source["shards"] = [_absolute(s) for s in shards] if isinstance(shards, list) else _absolute(shards)
-
-
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `key=value` overrides, resolve paths and validate."""
     data: dict = {}
@@ -270,11 +218,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         data = yaml.safe_load(Path(path).read_text()) or {}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
-    config = _build(Config, data, "")
+    config = from_mapping(Config, data)
     config.run_dir = _absolute(config.run_dir)
     config.model.path = _absolute(config.model.path)  # a local checkpoint folder (from_pretrained)
-    _resolve_source_paths(config.data.train)
-    _resolve_source_paths(config.data.eval)
+    if config.data.train is not None:
+        config.data.train = resolve_source_paths(config.data.train)
+    if config.data.eval is not None:
+        config.data.eval = resolve_source_paths(config.data.eval)
     if config.eval.data_dir is not None:
         config.eval.data_dir = _absolute(config.eval.data_dir)
     config.validate()
@@ -282,9 +232,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 
 def config_to_dict(config: Config) -> dict:
-    data = dataclasses.asdict(config)
-    data["optim"]["betas"] = list(config.optim.betas)
-    return data
+    """The YAML form of ``config`` (what `save_config` writes and `load_config` reads back to an equal config)."""
+    return to_mapping(config)
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

@@ -53,14 +53,16 @@ def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: torch.d
 
 
 def training_summary(config) -> str:
-    """One paragraph for the model card: what was trained, on what, for how long."""
+    """One paragraph for the model card: what was trained, on what, for how long (no local absolute paths)."""
+    from ..data.sources import describe_source
+
     modules = ", ".join(
         f"{name} (lr {module.lr or config.optim.lr:g})" for name in ("vision_tower", "multi_modal_projector", "language_model")
         if (module := getattr(config.modules, name)).train
     )
     lora = f"; LoRA r={config.lora.r} on the language model" if config.lora.enabled else ""
-    return (f"`finevit-vl train` run `{config.run_dir}`: {config.train.max_steps} steps x {config.train.global_batch_size} "
-            f"samples, trained modules: {modules}{lora}. Training data: `{config.data.train}`; boxes as "
+    return (f"`finevit-vl train` run `{Path(config.run_dir).name}`: {config.train.max_steps} steps x {config.train.global_batch_size} "
+            f"samples, trained modules: {modules}{lora}. Training data: {describe_source(config.data.train)}; boxes as "
             f"`{config.data.box_format}`; pixel budget {config.data.max_pixels or 'the processor default'}.")
 
 
