@@ -10,12 +10,13 @@ import sys
 
 # name -> ("module:function", one-line help). Each function takes the remaining argv and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "build": ("finevit_vl.assembly:main", "assemble a FineViT-VL from a FineViT checkpoint and any HF causal-LM checkpoint"),
+    "build": ("finevit_vl.assembly:main", "assemble a FineViT-VL from a vision encoder (FineViT, SigLIP2, Qwen2-VL, ... or a preset) and any HF causal LM"),
     "make-data": ("finevit_vl.data.synthetic:main", "generate the synthetic fine-grained data set (train + held-out eval)"),
     "train": ("finevit_vl.train.__main__:main", "train a stage from a YAML config (use `accelerate launch -m finevit_vl.train` for multi-process)"),
     "export": ("finevit_vl.train.export:main", "turn a training checkpoint (or a run folder's newest) into a Hugging Face model folder"),
     "eval": ("finevit_vl.eval.suite:main", "run an lmms-eval suite of FineViT tasks on a checkpoint and write JSON + markdown"),
     "quickstart": ("finevit_vl.quickstart:main", "the demo: data -> tiny model -> Stage III -> SFT -> lmms-eval -> report"),
+    "compare": ("finevit_vl.compare:main", "the same recipe with several vision encoders, side by side (FineViT vs SigLIP2 vs Qwen2-VL ...)"),
     "bench": ("finevit_vl.bench:main", "run the benchmarks in benchmarks/ and write results + BENCHMARKS.md"),
     "tasks-path": ("finevit_vl.eval.tasks_path:main", "print the directory to pass to `lmms-eval --include_path`"),
 }
