@@ -10,16 +10,24 @@ with its processor and chat template, ready for `AutoModelForImageTextToText.fro
 """
 
 import argparse
+import contextlib
+import logging
 import os
+import re
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import logging as hf_logging
 
 from .encoders import load_encoder
 from .models import FineViTVLConfig, FineViTVLForConditionalGeneration, FineViTVLProcessor
 from .models.chat_templates import CHAT_FORMATS, build_chat_template, chat_format_for
 from .models.processing_finevit_vl import DEFAULT_IMAGE_TOKEN
+
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_format: str, image_token: str = DEFAULT_IMAGE_TOKEN) -> int:
@@ -33,6 +41,39 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_format: str, imag
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return len(missing)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def llm_key_mapping(llm_class: type, text_config) -> dict[str, str]:
+    """Checkpoint key renames from a causal LM to a FineViT-VL: the LLM class's own checkpoint renames first (GPT-NeoX
+    checkpoints call the head `embed_out`), then its base model (`<base_model_prefix>.*`) to `model.language_model.*`
+    and its head to `lm_head.*`. Checked on a meta-device skeleton of the LLM class, so nothing is loaded twice."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    with torch.device("meta"):
+        skeleton = llm_class._from_config(text_config)
+    head = skeleton.get_output_embeddings()
+    head_name = next((name for name, module in skeleton.named_modules() if module is head), None)
+    if head_name != "lm_head" or not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError(f"{text_config.model_type}: the LLM's output head ({head_name}) is not a bias-free linear "
+                         "`lm_head`; not supported as a FineViT-VL language model")
+    mapping = {}
+    for transform in get_checkpoint_conversion_mapping(llm_class.__name__) or []:
+        if not isinstance(transform, WeightRenaming) or len(transform.source_patterns) != 1:
+            raise ValueError(f"{llm_class.__name__} checkpoints need weight conversions FineViT-VL cannot apply")
+        mapping[transform.source_patterns[0]] = transform.target_patterns[0]
+    mapping[rf"^{re.escape(skeleton.base_model_prefix)}\."] = "model.language_model."
+    return mapping
 
 
 def build_finevit_vl(
@@ -72,12 +113,22 @@ def build_finevit_vl(
         vision_feature_layer=vision_feature_layer,
         spatial_merge_size=spatial_merge_size,
     )
-    # The LLM checkpoint keys are `<prefix>.layers...` and `lm_head...`; ours are `model.language_model.layers...`.
-    key_mapping = {rf"^{llm_class.base_model_prefix}\.": "model.language_model."}
-    model = FineViTVLForConditionalGeneration.from_pretrained(llm, config=config, key_mapping=key_mapping, dtype=dtype)
+    with _quiet_transformers():  # its load report would list the encoder and projector as MISSING; ours follows
+        model, info = FineViTVLForConditionalGeneration.from_pretrained(
+            llm, config=config, key_mapping=llm_key_mapping(llm_class, text_config), dtype=dtype, output_loading_info=True
+        )
     # transformers remembers a user key_mapping and reverses it on save; our checkpoint must keep our own key names.
     model._weight_conversions = None
+    not_from_llm = sorted(k for k in info["missing_keys"] if not k.startswith(("model.vision_tower.", "model.multi_modal_projector.")))
+    if not_from_llm or info["unexpected_keys"]:
+        raise ValueError(f"{llm}: the LLM's weights do not map onto the FineViT-VL: missing {not_from_llm[:8]}, unused "
+                         f"{sorted(info['unexpected_keys'])[:8]} ({text_config.model_type} is not supported as it is)")
     model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+    new = ("model.vision_tower.", "model.multi_modal_projector.")
+    from_llm = [k for k in model.state_dict() if k not in info["missing_keys"] and not k.startswith(new)]
+    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    logger.info("loaded: language model and head from %s (%d tensors); encoder from %s (%d tensors); projector newly "
+                "initialised (%d parameters)", llm, len(from_llm), vision, len(vision_tower.state_dict()), projector)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # New rows start at the mean embedding (as resize does by default): a sane start for LoRA with saved embeddings.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
@@ -110,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=1008 * 1008)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     layer = args.vision_feature_layer[0] if len(args.vision_feature_layer) == 1 else args.vision_feature_layer
     model, _ = build_finevit_vl(
         args.vision, args.llm, args.out, chat_format=args.chat_format, vision_feature_layer=layer,
@@ -120,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_finevit_vl", "prepare_tokenizer"]
+__all__ = ["build_finevit_vl", "llm_key_mapping", "prepare_tokenizer"]

@@ -395,6 +395,9 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
+        softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if softcap:  # Gemma-2 / Gemma-3 squash their logits in the head; so must we, to be the same LLM on text
+            logits = torch.tanh(logits / softcap) * softcap
 
         loss = None
         if labels is not None:

@@ -1,0 +1,49 @@
+"""`build_finevit_vl` with LLMs of every common family: the head, embeddings and tying come from the LLM whatever
+their names, and without images the FineViT-VL is that LLM."""
+
+import pytest
+import torch
+from conftest import assert_greedy_continuation, random_image
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+from finevit_vl.assembly import build_finevit_vl
+
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+FAMILIES = {
+    "qwen3": {**SMALL, "num_key_value_heads": 2, "head_dim": 16},
+    "qwen2": {**SMALL, "num_key_value_heads": 2},
+    "llama": {**SMALL, "num_key_value_heads": 2},
+    "mistral": {**SMALL, "num_key_value_heads": 2, "head_dim": 16},
+    "gemma": {**SMALL, "num_key_value_heads": 1, "head_dim": 16},
+    "gemma2": {**SMALL, "num_key_value_heads": 2, "head_dim": 16, "final_logit_softcapping": 3.0},
+    "gemma3_text": {**SMALL, "num_key_value_heads": 2, "head_dim": 16, "final_logit_softcapping": 3.0},
+    "phi3": {**SMALL, "num_key_value_heads": 2, "pad_token_id": 0},
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4},
+    "gpt_neox": {**SMALL, "tie_word_embeddings": False},
+}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_every_llm_family_keeps_its_head_and_is_the_llm_on_text(tokenizer, tmp_path, model_type):
+    config = AutoConfig.for_model(model_type, **FAMILIES[model_type], vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(config).eval()
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    build_finevit_vl("finevit-test", str(tmp_path / "llm"), str(tmp_path / "vl"), max_pixels=84 * 84)
+
+    model, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "vl", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model.eval()
+    assert torch.equal(model.lm_head.weight[: config.vocab_size], llm.get_output_embeddings().weight)
+    assert model.config.tie_word_embeddings == llm.config.tie_word_embeddings
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits[..., : config.vocab_size], llm(ids).logits)
+    processor = AutoProcessor.from_pretrained(tmp_path / "vl")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    inputs = processor(images=[random_image(70, 90)],
+                       text=[processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)])
+    out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert_greedy_continuation(model, inputs, out, 2)
