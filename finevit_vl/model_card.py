@@ -1,33 +1,41 @@
-"""Model cards for FineViT-VL checkpoints: Hugging Face front matter, usage, training summary and a results section
-that `finevit-vl eval --model-card` (or the demo) fills between the `<!-- results:start/end -->` markers."""
+"""Model cards for FineViT-VL checkpoints, as `huggingface_hub.ModelCard`: metadata (`ModelCardData`), architecture,
+usage, training summary and a results section between `<!-- results:start/end -->`.
 
+`write_model_card` writes a checkpoint's card (the trainer's export and the demo call it); `fill_model_card` puts
+lmms-eval scores into a card (`finevit-vl eval --model-card`, the demo): the markdown table in the results section
+and, for a full run, the `model-index` metadata the Hub displays. A card travels with its checkpoint, so it names no
+local path: the usage code loads from `USAGE_PATH`, and absolute paths in the given texts are shortened.
+"""
+
+import json
+import math
+import re
 from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .parameters import count_parameters
 
 
-CARD_TEMPLATE = """---
-library_name: transformers
-pipeline_tag: image-text-to-text
-license: apache-2.0
-tags:
-- finevit-vl
-- vision-language
-- native-resolution
+CARD_START, CARD_END = "<!-- results:start -->", "<!-- results:end -->"
+USAGE_PATH = "path/to/checkpoint"  # where the reader put the folder (or its Hub id)
+TAGS = ["finevit-vl", "vision-language", "native-resolution"]
+TEMPLATE = """---
+{{ card_data }}
 ---
 
-# {name}
+# {{ name }}
 
-{description}
+{{ description }}
 
 ## Architecture
 
 | part | configuration |
 |---|---|
-| vision encoder | FineViT ({vision_layers} layers, width {vision_width}, patch {patch_size}, 2D RoPE, native resolution up to {max_pixels} pixels) |
-| projector | {merge}x{merge} patch merge + 2-layer MLP{position_note} |
-| language model | {text_model_type} ({text_layers} layers, width {text_width}, vocabulary {vocab_size}) |
-| parameters | {n_params} |
+| vision encoder | FineViT ({{ vision.num_hidden_layers }} layers, width {{ vision.hidden_size }}, patch {{ vision.patch_size }}, 2D RoPE, native resolution up to {{ max_pixels }}) |
+| projector | {{ merge }}x{{ merge }} patch merge + 2-layer MLP{{ position_note }} |
+| language model | {{ text.model_type }} ({{ text.num_hidden_layers }} layers, width {{ text.hidden_size }}, vocabulary {{ text.vocab_size }}) |
+| parameters | {{ n_params }} |
 
 ## Usage
 
@@ -35,9 +43,9 @@ tags:
 import finevit_vl  # or pass trust_remote_code=True without the package
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-model = AutoModelForImageTextToText.from_pretrained("{path}")
-processor = AutoProcessor.from_pretrained("{path}")
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "How many red circles are there in the image?\\nAnswer with a single number."}}]}}]
+model = AutoModelForImageTextToText.from_pretrained("{{ path }}")
+processor = AutoProcessor.from_pretrained("{{ path }}")
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many red circles are there in the image?\\nAnswer with a single number."}]}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 inputs = processor(images=[image], text=[text], return_tensors="pt")
 answer = processor.batch_decode(model.generate(**inputs, max_new_tokens=24)[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -47,46 +55,107 @@ Boxes are written as integers 0-1000 relative to the image size, `[x1, y1, x2, y
 
 ## Training
 
-{training}
+{{ training }}
 
 ## Results
 
-<!-- results:start -->
-(not evaluated yet: run `finevit-vl eval --model {path} --model-card {path}/README.md`)
-<!-- results:end -->
+{{ results_start }}
+(not evaluated yet: run `finevit-vl eval --model {{ path }} --model-card {{ path }}/README.md`)
+{{ results_end }}
 """
+# An absolute POSIX path of two parts or more, its last two captured (not a URL's `//`, nor `a/b` or `1/2`).
+_PART = r"[^\s/'\"`,;()\[\]{}]+"
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w:/.~-])/(?:{_PART}/)*({_PART}/{_PART})")
 
 
-def render_model_card(model, path: str, name: str, description: str, training: str) -> str:
+def without_local_paths(text: str) -> str:
+    """`/home/me/runs/x/data/stage3/train.jsonl` -> `…/stage3/train.jsonl`: the informative end of a path, none of
+    the machine it was written on."""
+    return _ABSOLUTE_PATH.sub(r"…/\1", text)
+
+
+def _max_pixels(model_dir: Path) -> str:
+    """The pixel budget of the processor saved next to the weights, as card text."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (path := model_dir / name).exists():
+            config = json.loads(path.read_text())
+            pixels = config.get("image_processor", config).get("max_pixels")
+            if pixels:
+                return f"{pixels} pixels"
+    return "the processor's pixel budget"
+
+
+def render_model_card(model, model_dir: str | Path, name: str, description: str, training: str) -> ModelCard:
+    """The card of `model`, saved (or to be saved) in `model_dir`; results not filled in yet."""
     config = model.config
-    vision, text = config.vision_config, config.text_config
-    processor_pixels = getattr(model, "_finevit_max_pixels", None)
-    return CARD_TEMPLATE.format(
+    frequencies = config.projector_position_frequencies
+    return ModelCard.from_template(
+        ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text", license="apache-2.0", tags=TAGS,
+                      model_name=name),
+        template_str=TEMPLATE,
         name=name,
-        description=description,
-        vision_layers=vision.num_hidden_layers,
-        vision_width=vision.hidden_size,
-        patch_size=vision.patch_size,
-        max_pixels=processor_pixels or "the processor's budget",
+        description=without_local_paths(description),
+        vision=config.vision_config,
+        text=config.text_config,
+        max_pixels=_max_pixels(Path(model_dir)),
         merge=config.spatial_merge_size,
-        position_note=(
-            f" + normalised-position features ({config.projector_position_frequencies} frequencies)"
-            if config.projector_position_frequencies else ""
-        ),
-        text_model_type=text.model_type,
-        text_layers=text.num_hidden_layers,
-        text_width=text.hidden_size,
-        vocab_size=text.vocab_size,
+        position_note=f" + normalised-position features ({frequencies} frequencies)" if frequencies else "",
         n_params=f"{count_parameters(model) / 1e6:.2f}M",
-        path=path,
-        training=training,
+        path=USAGE_PATH,
+        training=without_local_paths(training),
+        results_start=CARD_START,
+        results_end=CARD_END,
     )
 
 
 def write_model_card(model, model_dir: str | Path, name: str, description: str, training: str) -> Path:
-    card = Path(model_dir) / "README.md"
-    card.write_text(render_model_card(model, str(model_dir), name, description, training))
-    return card
+    """Write `model_dir/README.md`; returns its path."""
+    path = Path(model_dir) / "README.md"
+    render_model_card(model, model_dir, name, description, training).save(path)
+    return path
 
 
-__all__ = ["CARD_TEMPLATE", "render_model_card", "write_model_card"]
+def _format(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.1f}" if abs(value) > 1 else f"{value:.4f}"
+
+
+def results_markdown(scores: dict[str, dict[str, float]], limit: float | None = None) -> str:
+    """`{task: {metric: value}}` as a markdown table (the card's results section, `results.md` of an eval run)."""
+    lines = ["| Task | Metric | Value |", "|---|---|---:|"]
+    lines += [f"| {task} | {metric} | {_format(value)} |" for task, metrics in scores.items() for metric, value in metrics.items()]
+    if limit is not None:
+        lines += ["", f"_Limited run (`limit={limit}` documents per task): not comparable to published numbers._"]
+    return "\n".join(lines) + "\n"
+
+
+def _eval_results(scores: dict[str, dict[str, float]]) -> list[EvalResult]:
+    return [EvalResult(task_type="image-text-to-text", dataset_type=task, dataset_name=task, metric_type=metric,
+                       metric_value=value)
+            for task, metrics in scores.items() for metric, value in metrics.items()
+            if value is not None and not math.isnan(value)]
+
+
+def fill_model_card(card_path: str | Path, scores: dict[str, dict[str, float]], limit: float | None = None) -> None:
+    """Put `scores` into the card at `card_path`: the results section (between the markers, appended if missing) and,
+    unless `limit` made it a partial run, the `model-index` metadata. A missing card is created."""
+    path = Path(card_path)
+    card = ModelCard(path.read_text()) if path.exists() else ModelCard("")
+    section = f"{CARD_START}\n{results_markdown(scores, limit).rstrip()}\n{CARD_END}"
+    text = card.text
+    start, end = text.find(CARD_START), text.find(CARD_END)
+    if start != -1 and end > start:
+        card.text = text[:start] + section + text[end + len(CARD_END) :]
+    else:
+        card.text = (text.rstrip() + "\n\n## Evaluation\n\n" if text.strip() else "## Evaluation\n\n") + section + "\n"
+    if limit is None:
+        # The Hub needs a model name for `model-index`; a card not written here is named after its folder.
+        card.data.model_name = card.data.model_name or path.resolve().parent.name
+        card.data.eval_results = _eval_results(scores)
+    # A card without metadata is written back without (huggingface_hub would add an empty `{}` block).
+    path.write_text(card.content if card.data.to_dict() else card.text)
+
+
+__all__ = ["CARD_END", "CARD_START", "USAGE_PATH", "fill_model_card", "render_model_card", "results_markdown",
+           "without_local_paths", "write_model_card"]

@@ -11,20 +11,25 @@
 
 Step counts are fixed per `--minutes` (calibrated on a 2-core CPU) rather than timed, so two runs with the same seed
 give the same scores.
+
+The steps are functions of a `Recipe` and explicit folders (`prepare_data`, `build_initial_model`, `stage_config`,
+`train_stages`, `evaluate`), so another command can run the same recipe, e.g. from other initial models.
 """
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    from .train.config import Config
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,11 @@ class DemoSize:
     stage3_lr: float = 2e-3
     sft_lr: float = 5e-4
     micro_batch_size: int = 4
+
+    @property
+    def max_pixels(self) -> int:
+        """Pixel budget of the model and both stages: the largest generated image (sides vary up to 1.25x)."""
+        return int((self.image_size * 1.25) ** 2) + 1
 
 
 SIZES: dict[str, DemoSize] = {
@@ -76,17 +86,18 @@ SIZES: dict[str, DemoSize] = {
 }
 GLOBAL_BATCH = 16
 STAGE3_SHARE = 0.4  # of the training minutes; the rest is instruction tuning
-# Instruction-tuning mixture over the generator's task families. Word recognition needs ~350 SFT steps of its own
-# before it clicks (OCR alone: 225 steps 0.17, 450 steps 0.99 accuracy), counting and bar counting far fewer;
-# grounding (binding the named color to its object) needs ~2000 of its own, so at the default budget it gets what
-# is left and is not learned.
+# Instruction-tuning mixture over the generator's task families, weighted by the steps each needs of its own before it
+# is learned (word recognition the most; grounding far more than the default budget has: README, "The demo").
 SFT_WEIGHTS = {"counting": 0.15, "grounding": 0.25, "ocr": 0.4, "chart": 0.15, "document": 0.05}
-# Counting, bar counting and word reading are learned within the default budget's SFT steps (chart values and document
-# fields at no budget tried), while grounding keeps improving with steps. So past twice the default budget's steps the
-# other families' sample counts stop growing and grounding takes every further step.
+# Past twice the default budget's SFT steps the families learned within it stop gaining, so their sample counts stay
+# and grounding, which keeps improving with steps, takes every further step.
 SATURATED_SFT_STEPS = 1800
-BLIND_DETECTOR = "expression-blind detector"  # grounding_breakdown's chance level
-DEMO_TASKS = ["finevit_countbench", "finevit_refcoco_bbox_rec_val", "finevit_ocrbench", "finevit_chartqa", "finevit_docvqa_val"]
+# The encoder trains in both stages (the paper unfreezes it for local tasks), at the stage's rate divided by this:
+# from random initialisation at the LLM's rate it collapses (README, "The demo").
+ENCODER_LR_DIVISOR = {"stage3": 20, "sft": 12}
+STAGE_CONFIGS = {"stage3": "tiny_cpu_stage3.yaml", "sft": "tiny_cpu_sft.yaml"}  # in training order
+TOKENIZER_RECORDS_PER_FILE = 4000  # Stage III and SFT training records each that the tokenizer is trained on
+VOCAB_SIZE = 1024
 
 
 def sft_weights(families: list[str], sft_steps: int) -> dict[str, float]:
@@ -99,11 +110,62 @@ def sft_weights(families: list[str], sft_steps: int) -> dict[str, float]:
     return {**others, "grounding": 1 - sum(others.values())}
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The demo's settings; every step count, learning rate and mixture weight follows from them."""
+
+    minutes: float = 8.0  # training budget in CPU minutes
+    size: str = "tiny"  # a key of SIZES
+    seed: int = 0
+    families: tuple[str, ...] = tuple(SFT_WEIGHTS)
+    overrides: tuple[str, ...] = ()  # trainer `[STAGE:]key=value` overrides, applied last
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; choose from {sorted(SIZES)}")
+        unknown = [family for family in self.families if family not in SFT_WEIGHTS]
+        if unknown or not self.families:
+            raise ValueError(f"families {list(self.families)}: choose one or more of {list(SFT_WEIGHTS)}")
+
+    @property
+    def demo_size(self) -> DemoSize:
+        return SIZES[self.size]
+
+    def steps(self, stage: str) -> int:
+        """Optimizer steps of `stage` ("stage3" or "sft") for this budget."""
+        if stage == "stage3":
+            share, per_minute = STAGE3_SHARE, self.demo_size.stage3_samples_per_minute
+        else:
+            share, per_minute = 1 - STAGE3_SHARE, self.demo_size.sft_samples_per_minute
+        return max(10, int(self.minutes * share * per_minute) // GLOBAL_BATCH)
+
+    @property
+    def train_per_task(self) -> int:
+        """Training images per family: enough that the model sees each only a few times."""
+        return min(4000, max(300, self.steps("sft") * GLOBAL_BATCH // 8))
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        return sft_weights(list(self.families), self.steps("sft"))
+
+    def mixture_text(self) -> str:
+        return ", ".join(f"{family} {weight:.2f}" for family, weight in self.mixture.items())
+
+    def stage_overrides(self, stage: str) -> list[str]:
+        """The `--set` overrides for `stage`: unprefixed ones, and `stage:`-prefixed ones without the prefix."""
+        prefixes = tuple(f"{name}:" for name in STAGE_CONFIGS)
+        return [o.split(":", 1)[1] if o.startswith(prefixes) else o for o in self.overrides
+                if not o.startswith(prefixes) or o.startswith(f"{stage}:")]
+
+    def command(self) -> str:
+        return f"finevit-vl quickstart --size {self.size} --minutes {self.minutes:g} --seed {self.seed}"
+
+
 def _log(message: str) -> None:
     print(f"[quickstart {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _run(command: list[str], log_path: Path, env: dict) -> None:
+def _run(command: list[str], log_path: Path, env: dict[str, str]) -> None:
     """Run a step in a subprocess, streaming its output to the console and a log file."""
     _log("$ " + " ".join(command))
     with open(log_path, "w") as log:
@@ -116,21 +178,10 @@ def _run(command: list[str], log_path: Path, env: dict) -> None:
             raise RuntimeError(f"step failed (exit {process.returncode}): {' '.join(command)}; see {log_path}")
 
 
-def _corpus(jsonl_paths: list[Path], limit: int = 4000) -> list[str]:
-    texts: list[str] = []
-    for path in jsonl_paths:
-        for index, line in enumerate(path.read_text().splitlines()):
-            if index >= limit:
-                break
-            record = json.loads(line)
-            for turn in record.get("conversations", []):
-                texts.append(turn["content"])
-            texts.extend(r["text"] for r in record.get("regions", []))
-            texts.extend(o["text"] for o in record.get("ocr", []))
-            texts.extend(g["expression"] for g in record.get("grounding", []))
-            if record.get("caption"):
-                texts.append(record["caption"])
-    return texts
+def step_env(seed: int) -> dict[str, str]:
+    """Environment of the subprocess steps: offline, and hashing seeded so runs repeat."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONHASHSEED": str(seed)}
 
 
 def _lines_by_family(jsonl: Path) -> dict[str, list[str]]:
@@ -161,30 +212,42 @@ def interleave_by_family(jsonl: Path) -> Path:
     return path
 
 
-def build_initial_model(size: DemoSize, data_dir: Path, out_dir: Path, seed: int) -> None:
-    from .data.render import record_to_messages  # noqa: F401  (the data package must import)
+def prepare_data(recipe: Recipe, data_dir: Path) -> Path:
+    """The synthetic data of `recipe` in `data_dir` (`finevit-vl make-data`), kept if already there."""
+    if not (data_dir / "make_data.json").exists():
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        _run([sys.executable, "-m", "finevit_vl.cli", "make-data", "--out", str(data_dir), "--seed", str(recipe.seed),
+              "--train-per-task", str(recipe.train_per_task), "--eval-per-task", str(recipe.demo_size.eval_per_task),
+              "--image-size", str(recipe.demo_size.image_size), "--tasks", *recipe.families],
+             data_dir.parent / "make_data.log", step_env(recipe.seed))
+    return data_dir
+
+
+def build_initial_model(size: DemoSize, data_dir: Path, out_dir: Path, seed: int, **model_overrides: Any) -> Path:
+    """A random-initialised FineViT-VL of `size` with a tokenizer trained on the data, saved to `out_dir`.
+
+    `model_overrides` replace `finevit_vl.tiny.build_tiny_model` arguments (e.g. `vision_preset`, `text_overrides`)."""
+    from itertools import islice
+
+    from .corpus import tokenizer_corpus
+    from .data import build_source
     from .parameters import count_parameters
-    from .prompts import BOX_TO_CAPTION, BOX_TO_OCR, CAPTION, CAPTION_TO_BOX, OCR_TO_BOX
     from .tiny import build_tiny_model, build_tokenizer
 
-    corpus = _corpus([data_dir / "stage3" / "train.jsonl", data_dir / "sft" / "train.jsonl"])
-    corpus += [CAPTION, BOX_TO_CAPTION, CAPTION_TO_BOX, BOX_TO_OCR, OCR_TO_BOX]
-    tokenizer = build_tokenizer(corpus, vocab_size=1024)
-    model, processor = build_tiny_model(
-        "qwen3", vision_preset=size.vision_preset, tokenizer=tokenizer, seed=seed, text_overrides=size.text,
-        max_pixels=int((size.image_size * 1.25) ** 2) + 1, projector_position_frequencies=size.position_frequencies,
-    )
+    records = [record for name in ("stage3", "sft") for record, _ in
+               islice(build_source({"type": "jsonl", "path": str(data_dir / name / "train.jsonl")}),
+                      TOKENIZER_RECORDS_PER_FILE)]
+    tokenizer = build_tokenizer(tokenizer_corpus(records), vocab_size=VOCAB_SIZE)
+    arguments = {"text_model_type": "qwen3", "vision_preset": size.vision_preset, "seed": seed,
+                 "text_overrides": size.text, "max_pixels": size.max_pixels,
+                 "projector_position_frequencies": size.position_frequencies, **model_overrides}
+    model, processor = build_tiny_model(tokenizer=tokenizer, **arguments)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    n_params = count_parameters(model)
-    _log(f"built {size.vision_preset} + Qwen3 ({size.text['num_hidden_layers']} layers, width {size.text['hidden_size']}), "
-         f"{n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)} -> {out_dir}")
-
-
-def _train_command(config: Path, overrides: list[str]) -> list[str]:
-    # One process: on 2 cores a second process only splits the same cores (see tests for the 2-process path).
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finevit_vl.train", str(config), *overrides]
+    text = model.config.text_config
+    _log(f"built {arguments['vision_preset']} + {text.model_type} ({text.num_hidden_layers} layers, width "
+         f"{text.hidden_size}), {count_parameters(model) / 1e6:.2f}M parameters, vocabulary {len(tokenizer)} -> {out_dir}")
+    return out_dir
 
 
 def train_configs_dir() -> Path:
@@ -192,166 +255,109 @@ def train_configs_dir() -> Path:
     return packaged if packaged.exists() else Path(__file__).resolve().parents[1] / "train_configs"
 
 
-def _answers(model, processor, images: list, questions: list[str], batch_size: int = 16) -> list[str]:
-    """The model's greedy answers to one question per image, in the evaluation's chat format, in batches."""
-    from .eval.generation import generate_answers, image_question_chat
+def _recipe_config(recipe: Recipe, stage: str, model_path: Path, data_dir: Path, run_dir: Path) -> "Config":
+    """The stage's `train_configs/` file with the recipe's settings; writes the per-family SFT files and the
+    interleaved eval file it names next to the data."""
+    from .train.config import load_config
 
-    chats = [image_question_chat(image, question) for image, question in zip(images, questions)]
-    answers: list[str] = []
-    for start in range(0, len(chats), batch_size):
-        answers += generate_answers(model, processor, chats[start : start + batch_size], max_new_tokens=24,
-                                    do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-    return [answer.strip() for answer in answers]
-
-
-def _parquet_rows(path: Path) -> list[tuple[dict, Any]]:
-    """Rows of a benchmark parquet file with their decoded RGB images."""
-    from .report import _image, _rows
-
-    return [(row, _image(row)) for row in _rows(path)]
-
-
-def predict_samples(model, processor, eval_dir: Path, per_task: int = 3) -> list[dict]:
-    """Answers of the final model on a few held-out images per task, with the evaluation prompts."""
-    from .benchmark_data import PARQUET_FILES
-    from .boxes import parse_box
-    from .eval import metrics
-    from .prompts import benchmark_prompt
-
-    samples = []
-    # grid label, benchmark, row -> (question or referring expression, answer)
-    specs = [
-        ("count", "countbench", lambda r: (r["question"], str(r["number"]))),
-        ("ground", "refcoco", lambda r: (r["answer"][0], None)),
-        ("ocr", "ocrbench", lambda r: (r["question"], r["answer"][0])),
-        ("chart", "chartqa", lambda r: (r["question"], r["answer"])),
-        ("doc", "docvqa", lambda r: (r["question"], r["answers"][0])),
-    ]
-    asked = []
-    for task, benchmark, make in specs:
-        if (path := eval_dir / PARQUET_FILES[benchmark]).exists():
-            for row, image in _parquet_rows(path)[:per_task]:
-                text, answer = make(row)
-                asked.append((task, row, image, benchmark_prompt(benchmark, text), answer))
-    predictions = _answers(model, processor, [item[2] for item in asked], [item[3] for item in asked])
-    for (task, row, image, question, answer), prediction in zip(asked, predictions):
-        sample = {"image": image, "task": task, "question": question.split("\n")[0], "prediction": prediction,
-                  "gt_box": None, "pred_box": None}
-        if task == "ground":
-            x, y, w, h = row["bbox"]
-            sample["gt_box"] = [x, y, x + w, y + h]
-            sample["pred_box"] = parse_box(prediction)
-            gt = metrics.xywh_to_normalized(row["bbox"], image.width, image.height)
-            sample["answer"] = f"IoU {metrics.rec_scores(prediction, gt)['iou']:.2f} (green: true box)"
-            sample["correct"] = metrics.rec_scores(prediction, gt)["acc"] == 1.0
-        else:
-            sample["answer"] = answer
-            sample["correct"] = prediction.strip().lower() == str(answer).strip().lower()
-        samples.append(sample)
-    return samples
+    data_dir = data_dir.resolve()
+    size = recipe.demo_size
+    steps = recipe.steps(stage)
+    lr = size.stage3_lr if stage == "stage3" else size.sft_lr
+    config = load_config(train_configs_dir() / STAGE_CONFIGS[stage])
+    config.run_dir, config.seed = str(run_dir.resolve()), recipe.seed
+    config.model.init, config.model.path = None, str(model_path.resolve())
+    # Sources as mappings: the trainer's loader types them on the way back in (`stage_config`).
+    if stage == "stage3":
+        config.data.train = {"type": "jsonl", "path": str(data_dir / "stage3" / "train.jsonl")}
+    else:
+        families = split_by_family(data_dir / "sft" / "train.jsonl")
+        weights = recipe.mixture
+        config.data.train = {"type": "mixture", "seed": recipe.seed,
+                             "sources": [{"type": "jsonl", "path": str(families[f])} for f in recipe.families],
+                             "weights": [weights[f] for f in recipe.families]}
+    config.data.eval = {"type": "jsonl", "path": str(interleave_by_family(data_dir / stage / "eval.jsonl"))}
+    config.data.pack, config.data.max_length, config.data.max_pixels = True, 1024, size.max_pixels
+    config.train.global_batch_size, config.train.micro_batch_size = GLOBAL_BATCH, size.micro_batch_size
+    config.train.max_steps, config.train.checkpoint_every = steps, steps
+    config.train.log_every, config.train.keep_last = 5, 1
+    config.eval.every, config.eval.max_samples = max(10, steps // 5), 64
+    config.optim.lr, config.optim.warmup_steps = lr, max(2, steps // 20)
+    config.modules.multi_modal_projector.lr = config.modules.language_model.lr = lr
+    config.modules.vision_tower.train, config.modules.vision_tower.lr = True, lr / ENCODER_LR_DIVISOR[stage]
+    return config
 
 
-def grounding_breakdown(model, processor, data_dir: Path) -> dict[str, float] | None:
-    """Where the predicted boxes of the held-out grounding set land (IoU >= 0.5): on the object the expression
-    names, on another object of the image, or on none; and what a detector that ignores the expression would score
-    (one of the image's objects at random). Accuracy above that chance level means the expression is understood, not
-    only objects found. Every object of an image comes from its Stage III grounding record."""
-    from .benchmark_data import PARQUET_FILES
-    from .boxes import box_iou, parse_box, pixels_to_normalized
-    from .prompts import benchmark_prompt
+def stage_config(recipe: Recipe, stage: str, model_path: Path, data_dir: Path, run_dir: Path) -> "Config":
+    """The trainer `Config` of one stage ("stage3" or "sft") from the checkpoint `model_path`, written to
+    `run_dir/config.yaml`: its `train_configs/` file with the recipe's settings, then the recipe's `--set` overrides
+    for the stage through the trainer's own loader (so they mean what they mean on `finevit-vl train`)."""
+    from .train.config import load_config, save_config
 
-    refcoco = data_dir / "eval" / PARQUET_FILES["refcoco"]
-    if not refcoco.exists():
-        return None
-    objects = {}
-    for line in (data_dir / "stage3" / "eval.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["task"] == "grounding":
-            objects[record["id"].removesuffix("-grounding")] = record["grounding"]
-    rows = _parquet_rows(refcoco)
-    predictions = _answers(model, processor, [image for _, image in rows],
-                           [benchmark_prompt("refcoco", row["answer"][0]) for row, _ in rows])
-    counts = Counter()
-    chance = 0.0
-    for (row, image), prediction in zip(rows, predictions):
-        items = objects[row["question_id"]]
-        box = parse_box(prediction)
-        hits = [box is not None and box_iou(box, pixels_to_normalized(item["box"], *image.size)) >= 0.5 for item in items]
-        named = next(i for i, item in enumerate(items) if item["expression"] == row["answer"][0])
-        counts["named object" if hits[named] else "another object" if any(hits) else "no object"] += 1
-        chance += 1 / len(items)
-    shares = {name: counts[name] / len(rows) for name in ("named object", "another object", "no object")}
-    return {**shares, BLIND_DETECTOR: chance / len(rows)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    save_config(_recipe_config(recipe, stage, model_path, data_dir, run_dir), path)
+    config = load_config(path, recipe.stage_overrides(stage))
+    save_config(config, path)
+    return config
 
 
-def _last(metrics_path: Path, key: str) -> float | None:
-    value = None
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
-        if key in record:
-            value = record[key]
-    return value
+def _train(config_path: Path, log_path: Path, env: dict[str, str]) -> None:
+    # One process: on 2 cores a second process only splits the same cores (see tests for the 2-process path).
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finevit_vl.train", str(config_path)],
+         log_path, env)
 
 
-def _mean(metrics_path: Path, key: str) -> float | None:
-    values = [json.loads(line)[key] for line in metrics_path.read_text().splitlines() if key in json.loads(line)]
-    return sum(values) / len(values) if values else None
+def train_stages(recipe: Recipe, init_dir: Path, data_dir: Path, out: Path,
+                 timings: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Stage III from `init_dir`, then SFT from its export, in `out/<stage>/` (config, metrics, checkpoint, `final/`).
+
+    Each stage's config is written to `out/<stage>/config.yaml` (`stage_config`) and the trainer started on it.
+    Returns `{stage: report.stage_summary(...)}` in training order; the last stage's `final/` is the trained model.
+    Stage wall times are added to `timings` if given."""
+    from .report import stage_summary
+
+    _log(f"instruction-tuning mixture: {recipe.mixture_text()}")
+    summaries = {}
+    model_path = init_dir
+    for stage in STAGE_CONFIGS:
+        started = time.perf_counter()
+        run_dir = out / stage
+        stage_config(recipe, stage, model_path, data_dir, run_dir)
+        _train(run_dir / "config.yaml", out / f"{stage}.log", step_env(recipe.seed))
+        summaries[stage] = stage_summary(run_dir)
+        if timings is not None:
+            timings[f"{stage} training ({summaries[stage]['steps']} steps)"] = time.perf_counter() - started
+        model_path = run_dir / "final"
+    return summaries
 
 
-def ocrbench_note(ocrbench: dict[str, float | None] | None) -> str:
-    """How OCRBench is shown, and its accuracy per official report group (crops are text recognition, the
-    synthetic documents key information extraction), so a total is not read as one skill."""
-    from .eval.metrics import OCRBENCH_GROUPS
+def evaluate(model_dir: Path, data_dir: Path, out: Path) -> dict[str, dict[str, float]]:
+    """lmms-eval scores of `model_dir` on every synthetic task `data_dir` has held-out data for; reports in `out`."""
+    from .eval.suite import run_eval_suite
+    from .report import SYNTHETIC_TASKS
 
-    note = "OCRBench is shown as accuracy (its score out of 1000 divided by 1000)"
-    labels = {"text_recognition": "text recognition", "scene_text_vqa": "scene-text VQA", "doc_vqa": "document VQA",
-              "kie": "key information extraction", "hmer": "handwritten maths"}
-    groups = [f"{labels[name]} {value / points:.3f}" for name, (_, points) in OCRBENCH_GROUPS.items()
-              if (value := (ocrbench or {}).get(f"ocrbench_{name}")) is not None and not math.isnan(value)]
-    return note + (f"; accuracy by question group: {', '.join(groups)}." if groups else ".")
+    tasks = [task for task, (relative, _) in SYNTHETIC_TASKS.items() if (data_dir / "eval" / relative).exists()]
+    return run_eval_suite(str(model_dir), tasks=tasks, data_dir=str(data_dir / "eval"), batch_size=16, out_dir=str(out))
 
 
-def write_report(out: Path, rows: list[dict], timings: dict[str, float], stages: dict[str, dict], args, size_name: str,
-                 n_params: float, ocrbench: dict[str, float | None] | None = None, mixture: str = "",
-                 grounding: dict[str, float] | None = None) -> str:
-    lines = [
-        "# FineViT-VL quickstart report",
-        "",
-        (f"`finevit-vl quickstart --size {size_name} --minutes {args.minutes:g} --seed {args.seed}` on "
-        f"{os.cpu_count()} CPU cores: a {n_params:.2f}M-parameter FineViT-VL trained from random initialisation on "
-        "the synthetic fine-grained data, then scored by lmms-eval on held-out data in the benchmark schemas."),
-        "",
-        "## Results (held-out synthetic splits, lmms-eval)",
-        "",
-        "| task | metric | FineViT-VL | trivial baseline | margin | baseline used |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(f"| {row['task']} | {row['metric']} | {row['model']:.3f} | {row['baseline']:.3f} | "
-                     f"{row['model'] - row['baseline']:+.3f} | {row['baseline_name']} |")
-    lines += ["", ocrbench_note(ocrbench), ""]
-    if grounding:
-        landed = ", ".join(f"{name} {share:.2f}" for name, share in grounding.items() if name != BLIND_DETECTOR)
-        lines += [(f"Grounding: the predicted box (IoU >= 0.5) lands on the {landed}; a detector that ignores the "
-                   f"expression (one of the image's objects at random) would find the named object "
-                   f"{grounding[BLIND_DETECTOR]:.2f} of the time."), ""]
-    lines += ["## Training", "", "| stage | steps | samples | held-out loss (start -> end) | tokens/s | images/s |",
-              "|---|---|---|---|---|---|"]
-    for stage, info in stages.items():
-        lines.append(f"| {stage} | {info['steps']} | {info['samples']} | {info['eval_start']:.3f} -> {info['eval_end']:.3f} | "
-                     f"{info['tokens_per_s']:.0f} | {info['images_per_s']:.1f} |")
-    if mixture:
-        lines += ["", f"Instruction-tuning mixture (share of samples): {mixture}."]
-    lines += ["", "![loss curves](loss_curves.png)", "", "## Timings", "", "| phase | seconds |", "|---|---|"]
-    lines += [f"| {phase} | {seconds:.0f} |" for phase, seconds in timings.items()]
-    lines += ["", "## Predictions on held-out images", "",
-              "Green box: ground truth; red box: the model's answer (grounding).", "", "![predictions](predictions.png)",
-              "", "## Files", "", ("- `model/`: the HF checkpoint (`AutoModelForImageTextToText` / `AutoProcessor`) "
-              "with its model card"), "- `stage3/`, `sft/`: training runs (resolved config, metrics.jsonl, logs)",
-              "- `eval/`: lmms-eval results (`results.json`, `results.md`)", "- `data/`: the generated data", ""]
-    report = "\n".join(lines)
-    (out / "report.md").write_text(report)
-    return report
+def write_card(model_dir: Path, recipe: Recipe, scores: dict[str, dict[str, float]]) -> Path:
+    """The demo model's card, with its recipe and scores."""
+    from transformers import AutoModelForImageTextToText
+
+    from .model_card import fill_model_card, write_model_card
+
+    training = (f"Stage III alignment ({recipe.steps('stage3')} steps x {GLOBAL_BATCH} samples: global captions, "
+                f"box->caption, caption->box, OCR with boxes; encoder unfrozen), then instruction tuning "
+                f"({recipe.steps('sft')} steps x {GLOBAL_BATCH}, mixture {recipe.mixture_text()}), on data from `finevit-vl make-data "
+                f"--seed {recipe.seed}`; made by `finevit-vl quickstart --size {recipe.size} --minutes {recipe.minutes:g}`.")
+    card = write_model_card(AutoModelForImageTextToText.from_pretrained(model_dir), model_dir,
+                            "FineViT-VL quickstart model",
+                            "A small FineViT-VL trained from scratch on CPU by the FineViT-VL quickstart, on synthetic "
+                            "fine-grained data. A demonstration of the toolkit, not a useful model.", training)
+    fill_model_card(card, scores)
+    return card
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,122 +372,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
                         help="extra trainer override for both stages, or one (`sft:optim.lr=1e-3`); repeatable")
     args = parser.parse_args(argv)
-    size = SIZES[args.size]
+    recipe = Recipe(args.minutes, args.size, args.seed, tuple(args.families), tuple(args.overrides))
     out = Path(args.out).resolve()
     if out.exists() and not args.keep:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONHASHSEED": str(args.seed)}
     timings: dict[str, float] = {}
 
-    stage3_steps = max(10, int(args.minutes * STAGE3_SHARE * size.stage3_samples_per_minute) // GLOBAL_BATCH)
-    sft_steps = max(10, int(args.minutes * (1 - STAGE3_SHARE) * size.sft_samples_per_minute) // GLOBAL_BATCH)
-    # Enough distinct images per family that the model sees each only a few times.
-    train_per_task = min(4000, max(300, sft_steps * GLOBAL_BATCH // 8))
-
     started = time.perf_counter()
-    data_dir = out / "data"
-    if not (data_dir / "make_data.json").exists():
-        _run([sys.executable, "-m", "finevit_vl.cli", "make-data", "--out", str(data_dir), "--seed", str(args.seed),
-              "--train-per-task", str(train_per_task), "--eval-per-task", str(size.eval_per_task),
-              "--image-size", str(size.image_size), "--tasks", *args.families], out / "make_data.log", env)
+    data_dir = prepare_data(recipe, out / "data")
     timings["data generation"] = time.perf_counter() - started
-
     started = time.perf_counter()
-    init_dir = out / "init"
-    build_initial_model(size, data_dir, init_dir, args.seed)
+    init_dir = build_initial_model(recipe.demo_size, data_dir, out / "init", recipe.seed)
     timings["model build"] = time.perf_counter() - started
-
-    configs = train_configs_dir()
-    common = [f"seed={args.seed}", f"train.global_batch_size={GLOBAL_BATCH}", f"train.micro_batch_size={size.micro_batch_size}",
-              "train.log_every=5", "data.pack=true", "data.max_length=1024", f"data.max_pixels={int((size.image_size * 1.25) ** 2) + 1}",
-              "eval.max_samples=64", "train.keep_last=1"]
-    stages = {}
-    previous = init_dir
-    families = split_by_family(data_dir / "sft" / "train.jsonl")
-    weights = sft_weights(args.families, sft_steps)
-    mixture = ", ".join(f"{family} {weight:.2f}" for family, weight in weights.items())
-    _log(f"instruction-tuning mixture: {mixture}")
-    sft_mixture = json.dumps({"type": "mixture", "seed": args.seed,
-                              "sources": [{"type": "jsonl", "path": str(families[f])} for f in args.families],
-                              "weights": [weights[f] for f in args.families]})
-    stage3_data = json.dumps({"type": "jsonl", "path": str(data_dir / "stage3" / "train.jsonl")})
-    for stage, config_name, steps, lr, train_data in (
-        ("stage3", "tiny_cpu_stage3.yaml", stage3_steps, size.stage3_lr, stage3_data),
-        ("sft", "tiny_cpu_sft.yaml", sft_steps, size.sft_lr, sft_mixture),
-    ):
-        started = time.perf_counter()
-        run_dir = out / stage
-        overrides = common + [
-            f"run_dir={run_dir}", f"model.path={previous}", "model.init=null", f"data.train={train_data}",
-            f"data.eval={{type: jsonl, path: {interleave_by_family(data_dir / stage / 'eval.jsonl')}}}",
-            f"train.max_steps={steps}", f"train.checkpoint_every={steps}", f"eval.every={max(10, steps // 5)}",
-            f"optim.lr={lr}", f"modules.multi_modal_projector.lr={lr}", f"modules.language_model.lr={lr}",
-            f"optim.warmup_steps={max(2, steps // 20)}",
-            # The encoder trains in both stages (the paper unfreezes it for local tasks), but slowly: from random
-            # initialisation at the LLM's rate it collapses to near-constant features within ~100 Stage III steps
-            # (per-channel spread across tokens 0.30 -> 0.09) and counting never emerges.
-            "modules.vision_tower.train=true", f"modules.vision_tower.lr={lr / 20 if stage == 'stage3' else lr / 12}",
-        ] + [o.split(":", 1)[1] if o.startswith(("stage3:", "sft:")) else o for o in args.overrides
-             if not o.startswith(("stage3:", "sft:")) or o.startswith(f"{stage}:")]
-        _run(_train_command(configs / config_name, overrides), out / f"{stage}.log", env)
-        metrics_path = run_dir / "metrics.jsonl"
-        evals = [json.loads(l)["eval_loss"] for l in metrics_path.read_text().splitlines() if "eval_loss" in json.loads(l)]
-        stages[stage] = {"steps": steps, "samples": steps * GLOBAL_BATCH, "eval_start": evals[0], "eval_end": evals[-1],
-                         "tokens_per_s": _mean(metrics_path, "tokens_per_s") or 0.0,
-                         "images_per_s": _mean(metrics_path, "images_per_s") or 0.0}
-        timings[f"{stage} training ({steps} steps)"] = time.perf_counter() - started
-        previous = run_dir / "final"
+    stages = train_stages(recipe, init_dir, data_dir, out, timings)
 
     model_dir = out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    shutil.copytree(previous, model_dir)
-
+    shutil.copytree(Path(stages[list(stages)[-1]]["run_dir"]) / "final", model_dir)
     started = time.perf_counter()
-    from .eval.suite import run_eval_suite
-    from .report import SYNTHETIC_TASKS, baseline_scores, draw_prediction_grid, headline_scores, plot_loss_curves
+    scores = evaluate(model_dir, data_dir, out / "eval")
+    timings[f"lmms-eval ({len(scores)} tasks)"] = time.perf_counter() - started
 
-    tasks = [task for task in DEMO_TASKS if (data_dir / "eval" / SYNTHETIC_TASKS[task][0]).exists()]
-    scores = run_eval_suite(str(model_dir), tasks=tasks, data_dir=str(data_dir / "eval"), batch_size=16,
-                            out_dir=str(out / "eval"))
-    timings[f"lmms-eval ({len(tasks)} tasks)"] = time.perf_counter() - started
+    from .report import write_run_report
 
-    started = time.perf_counter()
-    headline = headline_scores(scores)
-    baselines = baseline_scores(data_dir / "eval")
-    rows = [{"task": task, "metric": SYNTHETIC_TASKS[task][1].replace("ocrbench_score", "ocrbench accuracy"),
-             "model": headline.get(task, float("nan")), "baseline": baselines[task]["score"],
-             "baseline_name": baselines[task]["baseline"]} for task in tasks if task in baselines]
-    plot_loss_curves({"Stage III alignment": out / "stage3" / "metrics.jsonl",
-                      "instruction tuning": out / "sft" / "metrics.jsonl"}, out / "loss_curves.png")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    final_model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    draw_prediction_grid(predict_samples(final_model, processor, data_dir / "eval"), out / "predictions.png")
-    grounding = grounding_breakdown(final_model, processor, data_dir)
-
-    from .eval.suite import fill_model_card, results_markdown
-    from .model_card import write_model_card
-    from .parameters import count_parameters
-
-    n_params = count_parameters(final_model) / 1e6
-    training = (f"Stage III alignment ({stage3_steps} steps x {GLOBAL_BATCH} samples: global captions, box->caption, "
-                f"caption->box, OCR with boxes; encoder unfrozen), then instruction tuning ({sft_steps} steps x "
-                f"{GLOBAL_BATCH}, mixture {mixture}), on data from `finevit-vl make-data --seed {args.seed}`; made by "
-                f"`finevit-vl quickstart --size {args.size} --minutes {args.minutes:g}`.")
-    card = write_model_card(final_model, model_dir, "FineViT-VL quickstart model",
-                            "A small FineViT-VL trained from scratch on CPU by the FineViT-VL quickstart, on synthetic "
-                            "fine-grained data. A demonstration of the toolkit, not a useful model.", training)
-    fill_model_card(str(card), results_markdown(scores))
-    timings["report"] = time.perf_counter() - started
-    report = write_report(out, rows, timings, stages, args, args.size, n_params, scores.get("finevit_ocrbench"), mixture,
-                          grounding)
-    (out / "results.json").write_text(
-        json.dumps({"rows": rows, "scores": scores, "grounding": grounding, "timings": timings}, indent=2)
-    )
+    write_card(model_dir, recipe, scores)
+    report = write_run_report(out, model_dir, data_dir, scores, stages, timings, recipe.command(), recipe.mixture_text())
 
     print()
     print("\n".join(line for line in report.splitlines() if line.startswith("|"))[:4000])
@@ -489,4 +406,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["SIZES", "main", "sft_weights"]
+__all__ = ["SIZES", "Recipe", "build_initial_model", "evaluate", "main", "prepare_data", "sft_weights", "stage_config",
+           "train_stages"]

@@ -1,14 +1,16 @@
-"""The demo end to end on a short budget: data -> model -> Stage III -> SFT -> lmms-eval -> report.
+"""The demo end to end on a short budget: data -> model -> Stage III -> SFT -> lmms-eval -> report, and the recipe's
+parts (typed stage configs, the tokenizer corpus, the mixture).
 
 One run, shared by the tests that read it: counting and OCR with five minutes of training (~3.5 min in all), to fit
 the test budget; `make demo` runs all five families for eight. Both must beat the majority answer by a wide margin
-(measured: counting 1.00 vs 0.20, OCR 0.79 vs 0.06)."""
+(measured: counting 1.00 vs 0.20, OCR 0.87 vs 0.06). The report's own tests are in test_report.py."""
 
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -39,7 +41,7 @@ def test_results_are_scored_by_lmms_eval_next_to_the_baseline(quickstart_run):
 
 def test_ocr_crops_are_read(quickstart_run):
     """Word and number recognition, the third task the default demo learns, clicks after ~350-400 SFT steps of its
-    own (measured next to counting: 0.23 at --minutes 4, ~330 OCR steps; 0.79 at --minutes 5, ~410; majority word
+    own (measured next to counting: 0.23 at --minutes 4, ~330 OCR steps; 0.87 at --minutes 5, ~410; majority word
     0.06). Guards the data design that makes it learnable (one glyph per token cell) and the OCR prompts through
     lmms-eval."""
     out, _ = quickstart_run
@@ -71,6 +73,13 @@ def test_run_folder_has_checkpoint_card_report_and_real_plots(quickstart_run):
         records = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         held_out = [r["eval_loss"] for r in records if "eval_loss" in r]
         assert held_out[-1] < held_out[0]
+    # Each stage's config is in its run folder, resolved; SFT continues from the Stage III export.
+    from finevit_vl.train.config import config_to_dict, load_config
+
+    stage3, sft = (load_config(out / stage / "config.yaml") for stage in ("stage3", "sft"))
+    assert stage3.model.path == str(out / "init") and sft.model.path == str(out / "stage3" / "final")
+    assert [s["path"] for s in config_to_dict(sft)["data"]["train"]["sources"]] == [
+        str(out / "data" / "sft" / f"train_{f}.jsonl") for f in ("counting", "ocr")]
 
 
 def test_samples_do_not_depend_on_where_the_data_lives(tmp_path, tiny_qwen3):
@@ -98,56 +107,6 @@ def test_samples_do_not_depend_on_where_the_data_lives(tmp_path, tiny_qwen3):
     assert first != [other.encode_record(r, loc, epoch=1).input_ids.tolist() for r, loc in JsonlSource(tmp_path / "a" / "stage3" / "train.jsonl")]
 
 
-def test_grounding_baseline_is_the_best_fixed_box(tmp_path):
-    """The trivial grounding baseline tries the centred box and every quadrant (objects sit on a 2x2 grid, so a
-    quadrant is the strongest constant answer) and keeps the best, so a model must beat the layout prior."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from finevit_vl.data.synthetic import main as make_data
-    from finevit_vl.eval import metrics
-    from finevit_vl.report import FIXED_BOXES, baseline_scores
-
-    make_data(["--out", str(tmp_path), "--seed", "3", "--train-per-task", "1", "--eval-per-task", "40",
-               "--image-size", "112", "--tasks", "grounding", "counting"])
-    rows = pq.read_table(tmp_path / "eval" / "refcoco" / "val.parquet").to_pylist()
-    per_box = {}
-    for name, box in FIXED_BOXES.items():
-        hits = 0
-        for row in rows:
-            width, height = Image.open(io.BytesIO(row["image"]["bytes"])).size
-            hits += metrics.rec_scores(box, metrics.xywh_to_normalized(row["bbox"], width, height))["acc"]
-        per_box[name] = hits / len(rows)
-    baselines = baseline_scores(tmp_path / "eval")
-    grounding = baselines["finevit_refcoco_bbox_rec_val"]
-    assert grounding["score"] == max(per_box.values()) and per_box["centred box"] < grounding["score"]
-    assert grounding["baseline"].startswith(max(per_box, key=per_box.get))
-    numbers = [row["number"] for row in pq.read_table(tmp_path / "eval" / "countbench" / "test.parquet").to_pylist()]
-    assert baselines["finevit_countbench"]["score"] >= max(numbers.count(n) for n in set(numbers)) / len(numbers)
-
-
-def test_blind_baseline_learns_answer_formats_per_question_without_memorising():
-    """The blind baseline answers each question with the best constant chosen on the other rows of that question: it
-    gets ANLS credit for a plausible date (what the demo's document model had learned), but a question seen once
-    cannot answer itself."""
-    from finevit_vl.eval import metrics
-    from finevit_vl.report import _text_baselines
-
-    dates = [{"question": "What is the date?", "answers": [f"2024-03-1{d}"]} for d in range(4)]
-    names = [{"question": "Who?", "answers": [name]} for name in ("Ada", "Ada", "Bo", "Cy")]
-    anls = lambda answer, row: metrics.anls(answer, row["answers"])
-    candidates = _text_baselines(dates + names, lambda r: r["answers"][0], anls)
-    blind = next(value for name, value in candidates.items() if name.startswith("blind"))
-    # each date is one character from the others (ANLS 0.9); "Ada" answers both Adas, not Bo or Cy
-    assert blind == pytest.approx((4 * 0.9 + 2) / 8)
-    assert candidates["majority 'Ada'"] == pytest.approx(2 / 8)
-    assert blind > max(value for name, value in candidates.items() if not name.startswith("blind"))
-    unique = [{"question": f"Q{i}?", "answers": [f"answer {i}"]} for i in range(5)]
-    candidates = _text_baselines(unique, lambda r: r["answers"][0], anls)
-    assert next(v for n, v in candidates.items() if n.startswith("blind")) == candidates["majority 'answer 0'"]
-
-
 def test_longer_budgets_give_their_extra_steps_to_grounding():
     """Past SATURATED_SFT_STEPS the families learned within the default budget keep their sample counts and grounding,
     the one that still improves with steps, takes the rest; the default budget's mixture is the measured one."""
@@ -167,37 +126,46 @@ def test_longer_budgets_give_their_extra_steps_to_grounding():
     assert sft_weights(["ocr", "counting"], 10 * SATURATED_SFT_STEPS) == {f: SFT_WEIGHTS[f] for f in ("ocr", "counting")}
 
 
-def test_grounding_breakdown_tells_the_named_object_from_another(tmp_path, monkeypatch):
-    """The report says whether boxes land on the object the expression names or on another object of the image, next
-    to the chance level of a detector that ignores the expression: an ACC@0.5 below that level is no grounding."""
-    import pyarrow.parquet as pq
-
-    from finevit_vl import quickstart
-    from finevit_vl.boxes import box_to_text
+def test_stage_configs_are_the_recipe_with_the_set_overrides_last(tmp_path):
+    """Each stage's trainer config is built in Python from its train_configs/ file and written to its run folder;
+    `--set` overrides (both stages, or one with a `stage:` prefix) are applied last, through the trainer's loader."""
     from finevit_vl.data.synthetic import main as make_data
+    from finevit_vl.quickstart import GLOBAL_BATCH, SIZES, Recipe, stage_config
+    from finevit_vl.train.config import config_to_dict, load_config
 
-    make_data(["--out", str(tmp_path), "--seed", "5", "--train-per-task", "1", "--eval-per-task", "30",
-               "--image-size", "112", "--tasks", "grounding"])
-    records = [json.loads(line) for line in (tmp_path / "stage3" / "eval.jsonl").read_text().splitlines()]
-    objects = {r["id"].removesuffix("-grounding"): r["grounding"] for r in records if r["task"] == "grounding"}
+    data = tmp_path / "data"
+    make_data(["--out", str(data), "--seed", "0", "--train-per-task", "2", "--eval-per-task", "2", "--image-size", "112",
+               "--tasks", "counting", "ocr"])
+    recipe = Recipe(minutes=2, families=("ocr", "counting"), overrides=("train.log_every=7", "sft:optim.lr=0.003"))
+    stage3 = stage_config(recipe, "stage3", tmp_path / "init", data, tmp_path / "stage3")
+    sft = stage_config(recipe, "sft", tmp_path / "stage3" / "final", data, tmp_path / "sft")
+    for stage, config in (("stage3", stage3), ("sft", sft)):  # the run folder holds the config in force
+        assert config_to_dict(load_config(tmp_path / stage / "config.yaml")) == config_to_dict(config)
+    tiny = SIZES["tiny"]
+    assert stage3.model.init is None and stage3.model.path == str(tmp_path / "init")
+    assert stage3.train.max_steps == recipe.steps("stage3") == int(2 * 0.4 * tiny.stage3_samples_per_minute) // GLOBAL_BATCH
+    assert stage3.optim.lr == tiny.stage3_lr and stage3.modules.vision_tower.lr == tiny.stage3_lr / 20
+    assert stage3.train.log_every == sft.train.log_every == 7  # an unprefixed override reaches both stages
+    assert sft.optim.lr == 0.003 and sft.modules.language_model.lr == tiny.sft_lr  # the prefixed one only SFT
+    mixture, held_out = config_to_dict(sft)["data"]["train"], config_to_dict(sft)["data"]["eval"]
+    assert mixture["type"] == "mixture" and mixture["weights"] == [0.4, 0.15]  # in --families order
+    assert [Path(source["path"]).name for source in mixture["sources"]] == ["train_ocr.jsonl", "train_counting.jsonl"]
+    assert [line.split('"id": "')[1].split("-")[1] for line in Path(held_out["path"]).read_text().splitlines()] == [
+        "counting", "ocr", "counting", "ocr"]  # families in turn, so the held-out subset covers each
 
-    def answer_with(pick):
-        # The breakdown asks about the refcoco rows in file order; answer each with a box `pick` chooses.
-        row_ids = pq.read_table(tmp_path / "eval" / "refcoco" / "val.parquet").column("question_id").to_pylist()
 
-        def answers(model, processor, images, questions):
-            return [box_to_text(pick(objects[row_id], question.rsplit(": ", 1)[1]), *image.size)
-                    for row_id, image, question in zip(row_ids, images, questions, strict=True)]
-        return answers
+def test_the_tokenizer_corpus_is_the_text_the_model_reads():
+    """One rule for the demo and the trainer's `model.init: tiny`: every text field of the record schema, then the
+    render prompts with their slots; ids, roles, task names and image paths are no corpus."""
+    from finevit_vl.corpus import RENDER_PROMPTS, record_texts, tokenizer_corpus
+    from finevit_vl.prompts import CAPTION_TO_BOX
 
-    named = lambda items, e: next(g["box"] for g in items if g["expression"] == e)
-    other = lambda items, e: next(g["box"] for g in items if g["expression"] != e)
-    monkeypatch.setattr(quickstart, "_answers", answer_with(named))
-    breakdown = quickstart.grounding_breakdown(None, None, tmp_path)
-    assert breakdown["named object"] == 1.0 and breakdown["another object"] == 0.0
-    expected_chance = sum(1 / len(items) for items in objects.values()) / len(objects)
-    assert breakdown[quickstart.BLIND_DETECTOR] == pytest.approx(expected_chance)
-    assert 0.25 <= expected_chance <= 0.5  # 2-4 objects per image
-    monkeypatch.setattr(quickstart, "_answers", answer_with(other))
-    breakdown = quickstart.grounding_breakdown(None, None, tmp_path)
-    assert breakdown["named object"] == 0.0 and breakdown["another object"] == 1.0 and breakdown["no object"] == 0.0
+    record = {"id": "train-ocr-1-qa", "image": "../images/x.png", "task": "conversation", "caption": "A cat.",
+              "regions": [{"box": [0, 0, 1, 1], "text": "a red circle"}], "ocr": [{"text": "river", "box": [0, 0, 1, 1]}],
+              "grounding": [{"expression": "the blue square", "box": [0, 0, 1, 1]}],
+              "conversations": [{"role": "user", "content": "What is written?"}, {"role": "assistant", "content": "river"}]}
+    assert record_texts(record) == ["What is written?", "river", "a red circle", "river", "the blue square", "A cat."]
+    assert record_texts({"id": "x", "caption": ""}) == []
+    corpus = tokenizer_corpus([record, {"caption": "Two dogs."}])
+    assert corpus[-len(RENDER_PROMPTS):] == list(RENDER_PROMPTS) and "{text}" in CAPTION_TO_BOX
+    assert corpus[: -len(RENDER_PROMPTS)] == record_texts(record) + ["Two dogs."]

@@ -3,9 +3,8 @@
     finevit-vl eval --model DIR --tasks finevit_countbench,finevit_refcoco_bbox_rec_val \\
         [--data-dir LOCAL] [--limit N] [--batch-size B] [--out OUT] [--model-card DIR/README.md]
 
-writes ``OUT/results.json`` and ``OUT/results.md`` and, with ``--model-card``, fills the card's
-``<!-- results:start -->`` ... ``<!-- results:end -->`` section (appended if missing). The trainer calls
-`run_eval_suite` with the live model and its processor.
+writes ``OUT/results.json`` and ``OUT/results.md`` and, with ``--model-card``, puts the scores into that card
+(`finevit_vl.model_card.fill_model_card`). The trainer calls `run_eval_suite` with the live model and its processor.
 """
 
 import argparse
@@ -16,12 +15,12 @@ import os
 import sys
 from pathlib import Path
 
+from ..model_card import fill_model_card, results_markdown
 from .tasks_path import SUITE_GROUP, local_tasks_dir, missing_local_data, suite_tasks, tasks_dir
 
 
 DEFAULT_TASKS = (SUITE_GROUP,)
 MODEL_NAME = "finevit_vl"  # selects the `finevit_vl` entry of the tasks' lmms_eval_specific_kwargs
-CARD_START, CARD_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def run_eval_suite(
@@ -132,20 +131,6 @@ def extract_scores(raw: dict) -> dict[str, dict[str, float]]:
     return scores
 
 
-def _format(value: float) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{value:.1f}" if abs(value) > 1 else f"{value:.4f}"
-
-
-def results_markdown(scores: dict[str, dict[str, float]], limit=None) -> str:
-    lines = ["| Task | Metric | Value |", "|---|---|---:|"]
-    lines += [f"| {task} | {metric} | {_format(value)} |" for task, metrics in scores.items() for metric, value in metrics.items()]
-    if limit is not None:
-        lines += ["", f"_Limited run (`limit={limit}` documents per task): not comparable to published numbers._"]
-    return "\n".join(lines) + "\n"
-
-
 def write_reports(scores: dict[str, dict[str, float]], out_dir: str, info: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,19 +138,6 @@ def write_reports(scores: dict[str, dict[str, float]], out_dir: str, info: dict)
     clean = {task: {m: (None if math.isnan(v) else v) for m, v in metrics.items()} for task, metrics in scores.items()}
     (out / "results.json").write_text(json.dumps({**info, "results": clean}, indent=2, default=str) + "\n")
     (out / "results.md").write_text(results_markdown(scores, info.get("limit")))
-
-
-def fill_model_card(card_path: str, markdown: str) -> None:
-    """Replace the card's results section (between the markers) with ``markdown``; append the section if missing."""
-    path = Path(card_path)
-    text = path.read_text() if path.exists() else ""
-    section = f"{CARD_START}\n{markdown.rstrip()}\n{CARD_END}"
-    start, end = text.find(CARD_START), text.find(CARD_END)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(CARD_END) :]
-    else:
-        text = (text.rstrip() + "\n\n## Evaluation\n\n" if text.strip() else "## Evaluation\n\n") + section + "\n"
-    path.write_text(text)
 
 
 def _parse_limit(value: str) -> int | float:
@@ -183,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-args", default="", help="extra plugin arguments, e.g. dtype=bfloat16,max_pixels=1003520,adapter=DIR")
     parser.add_argument("--gen-kwargs", default="", help="override the tasks' generation settings, e.g. max_new_tokens=16")
     parser.add_argument("--out", default="eval_results", help="output directory for results.json and results.md")
-    parser.add_argument("--model-card", help="a README.md whose results section is filled in")
+    parser.add_argument("--model-card", help="a model card (README.md) to put the scores into")
     args = parser.parse_args(argv)
 
     from lmms_eval.utils import simple_parse_args_string
@@ -199,10 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not scores:  # not rank 0
         return 0
-    markdown = results_markdown(scores, args.limit)
-    print(markdown)
+    print(results_markdown(scores, args.limit))
     if args.model_card:
-        fill_model_card(args.model_card, markdown)
+        fill_model_card(args.model_card, scores, args.limit)
     return 0
 
 

@@ -19,27 +19,14 @@ QUANTIZATION_SKIP_MODULES = ["vision_tower", "multi_modal_projector", "lm_head"]
 
 
 def _corpus(config: Config) -> list[str]:
-    """Text of the first training records (captions, region texts, turns), to train a tiny tokenizer on."""
+    """The tokenizer corpus (`finevit_vl.corpus`) of the first `model.tokenizer_corpus_records` training records."""
+    from itertools import islice
+
+    from ..corpus import tokenizer_corpus
     from ..data import build_source
 
-    texts: list[str] = []
-
-    def collect(value) -> None:
-        if isinstance(value, str):
-            texts.append(value)
-        elif isinstance(value, list):
-            for item in value:
-                collect(item)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if not key.startswith("_") and key not in ("id", "image", "meta"):
-                    collect(item)
-
-    for index, (record, _) in enumerate(build_source(config.data.train)):
-        if index >= config.model.tokenizer_corpus_records:
-            break
-        collect(record)
-    return texts
+    records = (record for record, _ in build_source(config.data.train))
+    return tokenizer_corpus(islice(records, config.model.tokenizer_corpus_records))
 
 
 def ensure_tiny_init(config: Config, accelerator) -> str:
@@ -55,6 +42,8 @@ def ensure_tiny_init(config: Config, accelerator) -> str:
             tokenizer=tokenizer,
             seed=config.seed,
             text_overrides=config.model.text_overrides or None,
+            # Fixed-size encoders take their input side from the budget (native ones get it again at load).
+            max_pixels=config.data.max_pixels or 224 * 224,
         )
         tmp_dir = init_dir.with_name("init.tmp")
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -91,13 +80,10 @@ def load_model(config: Config, accelerator) -> tuple[nn.Module, object, str]:
     if not (Path(path) / "config.json").exists():
         raise ValueError(f"model.path {path!r} is not a checkpoint folder (no config.json); build one with `finevit-vl build`")
     processor = AutoProcessor.from_pretrained(path)
-    image_processor = processor.image_processor
-    if config.data.max_pixels is not None:
-        image_processor.max_pixels = config.data.max_pixels
-    if config.data.min_pixels is not None:
-        image_processor.min_pixels = config.data.min_pixels
-    if image_processor.min_pixels > image_processor.max_pixels:
-        raise ValueError(f"data.min_pixels ({image_processor.min_pixels}) exceeds data.max_pixels ({image_processor.max_pixels})")
+    try:
+        processor.set_pixel_budget(config.data.min_pixels, config.data.max_pixels)
+    except ValueError as err:
+        raise ValueError(f"data.min_pixels / data.max_pixels: {err}") from None
     kwargs = {"dtype": DTYPES[config.model.dtype]}
     if config.model.attn_implementation:
         kwargs["attn_implementation"] = config.model.attn_implementation
