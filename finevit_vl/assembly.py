@@ -23,7 +23,13 @@ from transformers.utils import logging as hf_logging
 
 from .encoders import load_encoder
 from .models import FineViTVLConfig, FineViTVLForConditionalGeneration, FineViTVLProcessor
-from .models.chat_templates import CHAT_FORMATS, build_chat_template, chat_format_for
+from .models.chat_templates import (
+    CHAT_FORMATS,
+    OWN_TEMPLATE,
+    build_chat_template,
+    chat_format_for,
+    with_image_placeholder,
+)
 from .models.processing_finevit_vl import DEFAULT_IMAGE_TOKEN
 
 
@@ -32,9 +38,9 @@ logger = logging.getLogger(__name__)
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_format: str, image_token: str = DEFAULT_IMAGE_TOKEN) -> int:
     """Add the image token and the chat format's special tokens when missing. Returns how many tokens were added."""
-    _, end_of_turn, format_tokens = CHAT_FORMATS[chat_format]
+    _, end_of_turn, format_tokens = CHAT_FORMATS.get(chat_format, ("", None, ()))
     vocab = tokenizer.get_vocab()
-    missing = [t for t in (image_token, end_of_turn, *format_tokens) if t not in vocab]
+    missing = [t for t in (image_token, end_of_turn, *format_tokens) if t is not None and t not in vocab]
     missing = list(dict.fromkeys(missing))
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
@@ -93,7 +99,8 @@ def build_finevit_vl(
         vision: a vision tower checkpoint directory (FineViT, SigLIP / SigLIP2, CLIP, DINOv2, Qwen2-VL tower; a full
             CLIP / SigLIP model or a FineViT-VL, whose encoder is taken), or an encoder preset (`finevit_vl.encoders`).
         llm: any Hugging Face causal-LM checkpoint directory with its tokenizer.
-        chat_format: `"chatml"` or `"llama3"`; chosen from the LLM's `model_type` when omitted.
+        chat_format: `"own"` (the LLM's chat template, given the image placeholder), `"chatml"` or `"llama3"`; when
+            omitted, the LLM's own template if its tokenizer has one, else by the LLM's `model_type`.
     """
     if not os.path.isdir(llm):
         raise ValueError(f"--llm {llm!r} is not a directory (download the checkpoint first; no hub access at build time)")
@@ -102,7 +109,10 @@ def build_finevit_vl(
         raise ValueError(f"{llm}: model_type {text_config.model_type!r} is not a causal language model")
     llm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
     tokenizer = AutoTokenizer.from_pretrained(llm)
-    chat_format = chat_format_for(text_config.model_type, chat_format)
+    own_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    chat_format = chat_format_for(text_config.model_type, chat_format, own_template)
+    logger.info("chat template: %s", "the LLM's own, with the image placeholder" if chat_format == OWN_TEMPLATE else
+                f"{chat_format} (the LLM has none of its own)" if not own_template else f"{chat_format}, as asked")
     prepare_tokenizer(tokenizer, chat_format)
 
     vision_tower, image_processor = load_encoder(vision, max_pixels, min_pixels, spatial_merge_size)
@@ -132,14 +142,20 @@ def build_finevit_vl(
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # New rows start at the mean embedding (as resize does by default): a sane start for LoRA with saved embeddings.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    end_of_turn = tokenizer.convert_tokens_to_ids(CHAT_FORMATS[chat_format][1])
+    # Generation stops at the LLM's own end-of-sequence tokens (its generation config), and at our format's end of turn.
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    model.generation_config.eos_token_id = list(dict.fromkeys([end_of_turn, *eos]))
+    if chat_format == OWN_TEMPLATE:
+        template = with_image_placeholder(own_template, DEFAULT_IMAGE_TOKEN)
+        stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    else:
+        template = build_chat_template(chat_format, DEFAULT_IMAGE_TOKEN)
+        stops = [tokenizer.convert_tokens_to_ids(CHAT_FORMATS[chat_format][1])]
+    model.generation_config.eos_token_id = list(dict.fromkeys([*stops, *eos]))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     processor = FineViTVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=build_chat_template(chat_format, DEFAULT_IMAGE_TOKEN),
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
         patch_size=vision_tower.config.patch_size, merge_size=spatial_merge_size,
     )
     if out_dir is not None:
@@ -155,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
                              "encoder preset such as finevit-tiny or siglip2-naflex-tiny")
     parser.add_argument("--llm", required=True, help="HF causal-LM checkpoint dir (with tokenizer)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--chat-format", choices=sorted(CHAT_FORMATS), default=None)
-    parser.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-1])
-    parser.add_argument("--merge-size", type=int, default=2)
-    parser.add_argument("--max-pixels", type=int, default=1008 * 1008)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--chat-format", choices=[OWN_TEMPLATE, *sorted(CHAT_FORMATS)], default=None,
+                        help="chat template: the LLM's own (default when it has one) or ours (ChatML / Llama 3)")
+    parser.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-1],
+                        help="encoder layer(s) fed to the projector (-1: the last; several are concatenated)")
+    parser.add_argument("--merge-size", type=int, default=2, help="side of the patch group merged into one LLM token")
+    parser.add_argument("--max-pixels", type=int, default=1008 * 1008,
+                        help="pixel budget per image of native-resolution encoders (fixed-size ones: their input size)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype the model is saved in")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     layer = args.vision_feature_layer[0] if len(args.vision_feature_layer) == 1 else args.vision_feature_layer

@@ -25,15 +25,6 @@ from .quickstart import SFT_WEIGHTS, SIZES, Recipe, build_initial_model, evaluat
 DEFAULT_ENCODERS = ("finevit", "siglip2-naflex", "qwen2-vl", "siglip")
 DEFAULT_FAMILIES = ("counting", "ocr", "chart")
 DEFAULT_MINUTES = 2.5
-ENCODER_DESCRIPTIONS = {
-    "finevit": "FineViT (native resolution, 2D RoPE)",
-    "qwen2-vl": "Qwen2-VL tower (native resolution, 2D RoPE)",
-    "qwen2.5-vl": "Qwen2.5-VL tower (native resolution, window attention)",
-    "siglip2-naflex": "SigLIP2 NaFlex (native resolution, padded + mask)",
-    "siglip": "SigLIP (fixed size, squashed)",
-    "clip": "CLIP (fixed size, squashed, CLS dropped)",
-    "dinov2": "DINOv2 (fixed size, squashed, CLS dropped)",
-}
 
 
 def _log(message: str) -> None:
@@ -71,6 +62,7 @@ def encoder_profile(model_dir: Path, eval_dir: Path, max_images: int = 32, repea
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .benchmarking.common import time_interleaved
+    from .encoders import describe_encoder
     from .parameters import count_parameters
     from .report import _parquet_rows
 
@@ -91,7 +83,7 @@ def encoder_profile(model_dir: Path, eval_dir: Path, max_images: int = 32, repea
         encode()
     seconds = time_interleaved({"encode": encode}, repeats=repeats)["encode"]
     tower = model.model.vision_tower
-    return {"encoder_parameters": count_parameters(tower), "parameters": count_parameters(model),
+    return {"description": describe_encoder(tower.config), "encoder_parameters": count_parameters(tower), "parameters": count_parameters(model),
             "tokens_per_image": statistics.mean(tokens), "patches_per_image": float(inputs["image_grid_thw"].prod(-1).float().mean()),
             "gflops_per_image": counter.get_total_flops() / len(images) / 1e9,
             "images_per_s": len(images) / statistics.median(seconds), "images": len(images)}
@@ -159,7 +151,7 @@ def comparison_markdown(results: dict[str, dict[str, Any]], recipe: Recipe, comm
     for encoder in encoders:
         p, stages = results[encoder]["profile"], results[encoder]["stages"]
         lines.append(
-            f"| {encoder} | {ENCODER_DESCRIPTIONS.get(encoder, encoder)} | {p['encoder_parameters'] / 1e6:.2f} | "
+            f"| {encoder} | {p['description']} | {p['encoder_parameters'] / 1e6:.2f} | "
             f"{p['parameters'] / 1e6:.2f} | {p['patches_per_image']:.1f} | {p['tokens_per_image']:.1f} | "
             f"{p['gflops_per_image']:.3f} | {p['images_per_s']:.0f} | "
             f"{stages['stage3']['eval_start']:.3f} -> {stages['stage3']['eval_end']:.3f} | "

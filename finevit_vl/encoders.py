@@ -47,6 +47,28 @@ ENCODER_FAMILIES = ("finevit", "qwen2-vl", "qwen2.5-vl", "siglip2-naflex", "sigl
 SIZES = tuple(name.removeprefix("finevit-") for name in FINEVIT_PRESETS)
 
 
+# model_type -> what the tower is and how it takes images
+TOWER_DESCRIPTIONS = {
+    "finevit": "FineViT: native resolution, packed, 2D RoPE",
+    "qwen2_vl_vision": "Qwen2-VL tower: native resolution, packed, 2D RoPE",
+    "qwen2_5_vl_vision": "Qwen2.5-VL tower: native resolution, packed, window attention",
+    "siglip2_vision_model": "SigLIP2 NaFlex: native resolution, padded + mask",
+    "siglip_vision_model": "SigLIP: fixed size (squashed)",
+    "clip_vision_model": "CLIP: fixed size (squashed), CLS dropped",
+    "dinov2": "DINOv2: fixed size (squashed), CLS dropped",
+    "dinov2_with_registers": "DINOv2 with registers: fixed size (squashed), CLS + registers dropped",
+}
+
+
+def describe_encoder(config: PreTrainedConfig) -> str:
+    """One line on a vision tower: kind, input convention, depth, width, patch."""
+    spec = vision_tower_spec(config.model_type)
+    kind = TOWER_DESCRIPTIONS.get(config.model_type, config.model_type)
+    size = f" {config.image_size}px" if spec.input_kind == "fixed" else ""
+    return (f"{kind}{size} ({spec.num_layers(config)} layers, width {spec.hidden_size(config)}, patch "
+            f"{config.patch_size})")
+
+
 def encoder_presets() -> list[str]:
     return [f"{family}-{size}" for family in ENCODER_FAMILIES for size in SIZES]
 
@@ -163,4 +185,4 @@ def load_encoder(vision: str, max_pixels: int = 1008 * 1008, min_pixels: int = 5
     return tower, image_processor
 
 
-__all__ = ["ENCODER_FAMILIES", "encoder_presets", "fixed_side", "load_encoder", "preset_config", "tower_image_processor"]
+__all__ = ["ENCODER_FAMILIES", "TOWER_DESCRIPTIONS", "describe_encoder", "encoder_presets", "fixed_side", "load_encoder", "preset_config", "tower_image_processor"]

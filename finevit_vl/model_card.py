@@ -14,6 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .encoders import describe_encoder
 from .parameters import count_parameters
 
 
@@ -32,7 +33,7 @@ TEMPLATE = """---
 
 | part | configuration |
 |---|---|
-| vision encoder | FineViT ({{ vision.num_hidden_layers }} layers, width {{ vision.hidden_size }}, patch {{ vision.patch_size }}, 2D RoPE, native resolution up to {{ max_pixels }}) |
+| vision encoder | {{ encoder }}{{ budget }} |
 | projector | {{ merge }}x{{ merge }} patch merge + 2-layer MLP{{ position_note }} |
 | language model | {{ text.model_type }} ({{ text.num_hidden_layers }} layers, width {{ text.hidden_size }}, vocabulary {{ text.vocab_size }}) |
 | parameters | {{ n_params }} |
@@ -74,15 +75,17 @@ def without_local_paths(text: str) -> str:
     return _ABSOLUTE_PATH.sub(r"…/\1", text)
 
 
-def _max_pixels(model_dir: Path) -> str:
-    """The pixel budget of the processor saved next to the weights, as card text."""
+def _pixel_budget(model_dir: Path) -> str:
+    """The per-image budget of the image processor saved next to the weights, as card text ("" for fixed-size)."""
     for name in ("processor_config.json", "preprocessor_config.json"):
         if (path := model_dir / name).exists():
             config = json.loads(path.read_text())
-            pixels = config.get("image_processor", config).get("max_pixels")
-            if pixels:
-                return f"{pixels} pixels"
-    return "the processor's pixel budget"
+            config = config.get("image_processor", config)
+            if pixels := config.get("max_pixels") or (config.get("size") or {}).get("longest_edge"):
+                return f", images up to {pixels} pixels"
+            if patches := config.get("max_num_patches"):
+                return f", images up to {patches} patches"
+    return ""
 
 
 def render_model_card(model, model_dir: str | Path, name: str, description: str, training: str) -> ModelCard:
@@ -95,9 +98,9 @@ def render_model_card(model, model_dir: str | Path, name: str, description: str,
         template_str=TEMPLATE,
         name=name,
         description=without_local_paths(description),
-        vision=config.vision_config,
+        encoder=describe_encoder(config.vision_config),
         text=config.text_config,
-        max_pixels=_max_pixels(Path(model_dir)),
+        budget=_pixel_budget(Path(model_dir)),
         merge=config.spatial_merge_size,
         position_note=f" + normalised-position features ({frequencies} frequencies)" if frequencies else "",
         n_params=f"{count_parameters(model) / 1e6:.2f}M",

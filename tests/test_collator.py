@@ -9,6 +9,7 @@ from PIL import Image
 from finevit_vl import prompts
 from finevit_vl.data import BadRecordError, JsonlSource
 from finevit_vl.data.collator import IGNORE_INDEX, SampleEncoder, collate_rows, dummy_image_inputs
+from finevit_vl.models.chat_templates import with_image_placeholder
 from finevit_vl.tiny import build_tiny_model
 
 
@@ -84,11 +85,31 @@ def test_boxes_are_rendered_at_collate_time(tmp_path):
     assert prompts.CAPTION_TO_BOX.format(text="the dot") in prompt
 
 
-def test_template_without_generation_markers_is_refused():
+# An LLM's own template (Qwen2.5-style): string contents only, no {% generation %} blocks.
+OWN_CHATML = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_an_llms_own_template_gets_the_image_and_the_same_assistant_labels():
+    _, processor = build_tiny_model(max_pixels=56 * 56)
+    messages = [{"role": "system", "content": "Be brief."}, *_messages(["two", "a red one"])]
+    image = [Image.new("RGB", (56, 56), "red")]
+    ours = SampleEncoder(processor, max_length=256).encode_messages(messages, image)
+    processor.chat_template = with_image_placeholder(OWN_CHATML, processor.image_token)
+    own = SampleEncoder(processor, max_length=256).encode_messages(messages, image)
+    assert torch.equal(own.input_ids, ours.input_ids)  # the image token lands where the user put it
+    assert torch.equal(own.labels, ours.labels)  # found turn by turn, the same assistant tokens as the marked template
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
     _, processor = build_tiny_model()
-    processor.chat_template = "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}"
-    with pytest.raises(ValueError, match="generation"):
-        SampleEncoder(processor, max_length=64)
+    processor.chat_template = ("{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}FINAL {% endif %}"
+                               "{{ m['content'] if m['content'] is string else m['content'][0]['text'] }}{% endfor %}")
+    encoder = SampleEncoder(processor, max_length=64)
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    with pytest.raises(ValueError, match="turn by turn"):
+        encoder.encode_messages(turns)
 
 
 def test_text_only_batch_gets_a_zero_weighted_dummy_image():

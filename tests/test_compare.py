@@ -19,7 +19,7 @@ def comparison(tmp_path_factory):
 def test_report_puts_the_encoders_side_by_side_with_baselines(comparison):
     report = (comparison / "report.md").read_text()
     assert "| task | metric | finevit | siglip | trivial baseline |" in report
-    assert "finevit_countbench" in report and "SigLIP (fixed size, squashed)" in report
+    assert "finevit_countbench" in report and "SigLIP: fixed size (squashed)" in report
     assert (comparison / "loss_curves.png").stat().st_size > 10_000
     results = json.loads((comparison / "results.json").read_text())["results"]
     for encoder in ("finevit", "siglip"):

@@ -1,6 +1,8 @@
 """`build_finevit_vl` with LLMs of every common family: the head, embeddings and tying come from the LLM whatever
 their names, and without images the FineViT-VL is that LLM."""
 
+import copy
+
 import pytest
 import torch
 from conftest import assert_greedy_continuation, random_image
@@ -47,3 +49,30 @@ def test_every_llm_family_keeps_its_head_and_is_the_llm_on_text(tokenizer, tmp_p
                        text=[processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)])
     out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     assert_greedy_continuation(model, inputs, out, 2)
+
+
+GEMMA_STYLE = ("{{ bos_token }}{%- for message in messages %}{%- set role = 'model' if message['role'] == 'assistant' "
+               "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+               "{%- endfor %}{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{%- endif %}")
+
+
+def test_the_llms_own_chat_template_is_kept_with_the_image_placeholder(tokenizer, tmp_path):
+    from finevit_vl.data.collator import IGNORE_INDEX, SampleEncoder
+
+    config = AutoConfig.for_model("gemma", **FAMILIES["gemma"], vocab_size=len(tokenizer))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llm")
+    own = copy.deepcopy(tokenizer)  # the session's tokenizer stays template-free
+    own.chat_template = GEMMA_STYLE
+    own.save_pretrained(tmp_path / "llm")
+    build_finevit_vl("finevit-test", str(tmp_path / "llm"), str(tmp_path / "vl"), max_pixels=84 * 84)
+    processor = AutoProcessor.from_pretrained(tmp_path / "vl")
+    assert processor.chat_template.endswith(GEMMA_STYLE)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "three"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    assert f"<start_of_turn>user\n{processor.image_token}How many?<end_of_turn>\n<start_of_turn>model\nthree" in text
+    sample = SampleEncoder(processor, max_length=256).encode_messages(messages, [random_image(70, 90)])
+    supervised = processor.tokenizer.decode(sample.input_ids[sample.labels != IGNORE_INDEX])
+    assert supervised == "three<end_of_turn>"  # assistant tokens found turn by turn, without {% generation %}
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "vl")
+    assert processor.tokenizer.eos_token_id in model.generation_config.eos_token_id

@@ -25,8 +25,8 @@ def test_card_describes_the_model_and_names_no_local_path(tmp_path, tiny_qwen3):
     assert card.data.pipeline_tag == "image-text-to-text" and card.data.library_name == "transformers"
     assert card.data.model_name == "Tiny VL" and "finevit-vl" in card.data.tags
     vision, text = model.config.vision_config, model.config.text_config
-    assert f"FineViT ({vision.num_hidden_layers} layers, width {vision.hidden_size}, patch {vision.patch_size}" in card.text
-    assert f"up to {processor.image_processor.max_pixels} pixels" in card.text  # the saved processor's budget
+    assert f"FineViT: native resolution, packed, 2D RoPE ({vision.num_hidden_layers} layers, width {vision.hidden_size}, patch {vision.patch_size})" in card.text
+    assert f"images up to {processor.image_processor.max_pixels} pixels" in card.text  # the saved processor budget
     assert f"vocabulary {text.vocab_size})" in card.text and "not evaluated yet" in card.text
     assert str(tmp_path) not in card.content and f'from_pretrained("{USAGE_PATH}")' in card.text
     assert "…/stage3/train.jsonl" in card.text  # the informative end of the path is kept

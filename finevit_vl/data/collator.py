@@ -23,6 +23,7 @@ every step.
 
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,43 @@ class EncodedSample:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
+GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def _render(template: str, messages: list[dict], special_tokens: dict, add_generation_prompt: bool = False) -> str:
+    return render_jinja_template(conversations=[messages], chat_template=template,
+                                 add_generation_prompt=add_generation_prompt, **special_tokens)[0][0]
+
+
+def assistant_spans(template: str, messages: list[dict], special_tokens: dict) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (answer + end of turn).
+
+    A template with `{% generation %}` blocks says where they are. Any other template (an LLM's own) is rendered turn
+    by turn: an assistant turn is what the conversation up to it adds after the generation prompt. That needs a
+    template that renders conversations incrementally (each prefix of turns renders a prefix of the text), which
+    ordinary chat templates do; one that rewrites earlier turns is refused with a clear error.
+    """
+    if GENERATION_BLOCK.search(template):
+        rendered, indices = render_jinja_template(conversations=[messages], chat_template=template,
+                                                  return_assistant_tokens_mask=True, **special_tokens)
+        return rendered[0], indices[0]
+    text = _render(template, messages, special_tokens)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(template, messages[:index], special_tokens, add_generation_prompt=True)
+        with_turn = _render(template, messages[: index + 1], special_tokens)
+        if not (with_turn.startswith(prompt) and text.startswith(with_turn)):
+            raise ValueError(
+                "the chat template does not render this conversation turn by turn (an earlier turn renders "
+                "differently once later turns follow), so assistant tokens cannot be located; build the model with "
+                "--chat-format chatml (or llama3), or add {% generation %} blocks to the template"
+            )
+        spans.append((len(prompt), len(with_turn.rstrip())))  # not the whitespace between turns
+    return text, spans
+
+
 class SampleEncoder:
     """Encode chat messages (or whole records) into `EncodedSample`s with the processor's tokenizer and chat template.
 
@@ -107,13 +145,9 @@ class SampleEncoder:
         shuffle_turns: bool = True,
         seed: int = 0,
     ) -> None:
-        template = processor.chat_template
-        if not template or "generation" not in template:
-            raise ValueError(
-                "The processor's chat template does not mark assistant turns with {% generation %} ... "
-                "{% endgeneration %}, so assistant-only labels cannot be computed. Use a template from "
-                "finevit_vl.models.chat_templates (build_chat_template) or add the markers to your template."
-            )
+        if not processor.chat_template:
+            raise ValueError("The processor has no chat template; build the model with `finevit-vl build` (it takes "
+                             "the LLM's own template, or ChatML / Llama 3) or set processor.chat_template")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -133,13 +167,7 @@ class SampleEncoder:
             `SampleTooLongError` (a `ValueError`) if the expanded sequence exceeds `max_length`.
         """
         images = list(images or [])
-        rendered, generation_indices = render_jinja_template(
-            conversations=[messages],
-            chat_template=self.processor.chat_template,
-            return_assistant_tokens_mask=True,
-            **self.tokenizer.special_tokens_map,
-        )
-        text, spans = rendered[0], generation_indices[0]
+        text, spans = assistant_spans(self.processor.chat_template, messages, self.tokenizer.special_tokens_map)
         # The template writes every special token itself (BOS included), as in `processor.apply_chat_template`.
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
@@ -271,6 +299,7 @@ __all__ = [
     "EncodedSample",
     "SampleEncoder",
     "SampleTooLongError",
+    "assistant_spans",
     "collate_rows",
     "dummy_image_inputs",
     "filler_batch",

@@ -1,6 +1,10 @@
 # Copyright 2026 The FineViT-VL Authors. Licensed under the Apache License, Version 2.0.
-"""Chat templates per LLM family. Each emits one image token per `{"type": "image"}` item (the processor expands it)
-and wraps assistant turns in `{% generation %}` so `return_assistant_tokens_mask=True` works."""
+"""Chat templates: the LLM's own, given the image placeholder; ChatML / Llama 3 for LLMs that have none.
+
+Every template emits one image token per `{"type": "image"}` item (the processor expands it). Ours wrap assistant turns
+in `{% generation %}` (so `return_assistant_tokens_mask=True` works); an LLM's own template usually does not, and the
+sample encoder then finds the assistant turns by rendering the conversation turn by turn.
+"""
 
 # `{{ image_token }}` is substituted when the template is built, so one template serves any image token string.
 _CONTENT = (
@@ -44,11 +48,18 @@ MODEL_TYPE_TO_CHAT_FORMAT: dict[str, str] = {
 }
 
 
-def chat_format_for(model_type: str, override: str | None = None) -> str:
-    """The chat format of an LLM family: `override` if given, else by `model_type`, else ChatML."""
-    chat_format = override or MODEL_TYPE_TO_CHAT_FORMAT.get(model_type, "chatml")
-    if chat_format not in CHAT_FORMATS:
-        raise ValueError(f"Unknown chat format {chat_format!r}; available: {sorted(CHAT_FORMATS)}")
+# The LLM's own chat template (its tokenizer's), given the image placeholder.
+OWN_TEMPLATE = "own"
+
+
+def chat_format_for(model_type: str, override: str | None = None, own_template: str | None = None) -> str:
+    """`override` if given; else the LLM's own template when it has one (`"own"`); else ChatML or Llama 3 by
+    `model_type` (ChatML for families not listed)."""
+    if override == OWN_TEMPLATE and not own_template:
+        raise ValueError("chat format 'own' needs an LLM whose tokenizer has a chat template; this one has none")
+    chat_format = override or (OWN_TEMPLATE if own_template else MODEL_TYPE_TO_CHAT_FORMAT.get(model_type, "chatml"))
+    if chat_format not in (OWN_TEMPLATE, *CHAT_FORMATS):
+        raise ValueError(f"Unknown chat format {chat_format!r}; available: {[OWN_TEMPLATE, *sorted(CHAT_FORMATS)]}")
     return chat_format
 
 
@@ -56,4 +67,35 @@ def build_chat_template(chat_format: str, image_token: str) -> str:
     return CHAT_FORMATS[chat_format][0].replace("IMAGE_TOKEN", image_token)
 
 
-__all__ = ["CHAT_FORMATS", "MODEL_TYPE_TO_CHAT_FORMAT", "build_chat_template", "chat_format_for"]
+# Put before an LLM's own template: list contents become strings, an image item becoming the image token, so any
+# template (most only print string contents) places the image where the user put it.
+_FLATTEN_CONTENT = (
+    "{%- set flattened = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string or message['content'] is none -%}"
+    "{%- set flattened.messages = flattened.messages + [message] -%}"
+    "{%- else -%}{%- set text = namespace(value='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or item['type'] == 'image_url' -%}{%- set text.value = text.value + 'IMAGE_TOKEN' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set text.value = text.value + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set flattened.messages = flattened.messages + [dict(message, content=text.value)] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = flattened.messages -%}"
+)
+
+
+def with_image_placeholder(template: str, image_token: str) -> str:
+    """An LLM's own chat template, taking `{"type": "image"}` content items as the image token."""
+    return _FLATTEN_CONTENT.replace("IMAGE_TOKEN", image_token) + template
+
+
+__all__ = [
+    "CHAT_FORMATS",
+    "MODEL_TYPE_TO_CHAT_FORMAT",
+    "OWN_TEMPLATE",
+    "build_chat_template",
+    "chat_format_for",
+    "with_image_placeholder",
+]
