@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,6 @@ DEFAULT_MINUTES = 2.5
 
 def _log(message: str) -> None:
     print(f"[compare] {message}", flush=True)
-
-
-def encoder_preset(family: str, recipe: Recipe) -> str:
-    """`<family>-<size>` at the size of the recipe's FineViT preset."""
-    return f"{family}-{recipe.demo_size.vision_preset.removeprefix('finevit-')}"
 
 
 def share_initial_weights(reference_dir: Path, model_dir: Path) -> list[str]:
@@ -174,16 +170,17 @@ def run_comparison(recipe: Recipe, encoders: list[str], out: Path, command: str 
     for encoder in encoders:
         run_out = out / encoder
         run_out.mkdir(parents=True, exist_ok=True)
-        preset = encoder_preset(encoder, recipe)
-        _log(f"{encoder}: building {preset}")
-        init_dir = build_initial_model(recipe.demo_size, data_dir, run_out / "init", recipe.seed, vision_preset=preset)
+        run_recipe = replace(recipe, encoder=encoder)
+        _log(f"{encoder}: building {run_recipe.vision_preset}")
+        init_dir = build_initial_model(recipe.demo_size, data_dir, run_out / "init", recipe.seed,
+                                       vision_preset=run_recipe.vision_preset)
         if reference is None:
             reference = init_dir
         else:
             not_shared = share_initial_weights(reference, init_dir)
             if not_shared:
                 _log(f"{encoder}: these non-encoder weights differ in shape and start from their own init: {not_shared}")
-        stages = train_stages(recipe, init_dir, data_dir, run_out)
+        stages = train_stages(run_recipe, init_dir, data_dir, run_out)
         model_dir = Path(stages["sft"]["run_dir"]) / "final"
         scores = evaluate(model_dir, data_dir, run_out / "eval")
         results[encoder] = {"rows": result_rows(scores, data_dir / "eval"), "scores": scores, "stages": stages,
@@ -224,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_ENCODERS", "encoder_preset", "main", "run_comparison", "share_initial_weights"]
+__all__ = ["DEFAULT_ENCODERS", "main", "run_comparison", "share_initial_weights"]
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class Recipe:
     seed: int = 0
     families: tuple[str, ...] = tuple(SFT_WEIGHTS)
     overrides: tuple[str, ...] = ()  # trainer `[STAGE:]key=value` overrides, applied last
+    encoder: str = "finevit"  # an encoder family (`finevit_vl.encoders`), at the size's FineViT width / depth
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -130,6 +131,11 @@ class Recipe:
     @property
     def demo_size(self) -> DemoSize:
         return SIZES[self.size]
+
+    @property
+    def vision_preset(self) -> str:
+        """The encoder preset: `encoder` at the size of the demo size's FineViT preset."""
+        return f"{self.encoder}-{self.demo_size.vision_preset.removeprefix('finevit-')}"
 
     def steps(self, stage: str) -> int:
         """Optimizer steps of `stage` ("stage3" or "sft") for this budget."""
@@ -158,7 +164,8 @@ class Recipe:
                 if not o.startswith(prefixes) or o.startswith(f"{stage}:")]
 
     def command(self) -> str:
-        return f"finevit-vl quickstart --size {self.size} --minutes {self.minutes:g} --seed {self.seed}"
+        encoder = f" --encoder {self.encoder}" if self.encoder != "finevit" else ""
+        return f"finevit-vl quickstart --size {self.size} --minutes {self.minutes:g} --seed {self.seed}{encoder}"
 
 
 def _log(message: str) -> None:
@@ -361,6 +368,8 @@ def write_card(model_dir: Path, recipe: Recipe, scores: dict[str, dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .encoders import ENCODER_FAMILIES
+
     parser = argparse.ArgumentParser(prog="finevit-vl quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget in CPU minutes (sets step counts)")
     parser.add_argument("--out", default="runs/quickstart", help="run folder")
@@ -368,11 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (bigger needs more minutes)")
     parser.add_argument("--families", nargs="+", choices=list(SFT_WEIGHTS), default=list(SFT_WEIGHTS),
                         help="task families to generate, train and evaluate (default: all five)")
+    parser.add_argument("--encoder", choices=ENCODER_FAMILIES, default="finevit",
+                        help="vision encoder family, random-initialised at the size's width and depth (default: finevit)")
     parser.add_argument("--keep", action="store_true", help="reuse the data of an earlier run in --out")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
                         help="extra trainer override for both stages, or one (`sft:optim.lr=1e-3`); repeatable")
     args = parser.parse_args(argv)
-    recipe = Recipe(args.minutes, args.size, args.seed, tuple(args.families), tuple(args.overrides))
+    recipe = Recipe(args.minutes, args.size, args.seed, tuple(args.families), tuple(args.overrides), args.encoder)
     out = Path(args.out).resolve()
     if out.exists() and not args.keep:
         shutil.rmtree(out)
@@ -383,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = prepare_data(recipe, out / "data")
     timings["data generation"] = time.perf_counter() - started
     started = time.perf_counter()
-    init_dir = build_initial_model(recipe.demo_size, data_dir, out / "init", recipe.seed)
+    init_dir = build_initial_model(recipe.demo_size, data_dir, out / "init", recipe.seed, vision_preset=recipe.vision_preset)
     timings["model build"] = time.perf_counter() - started
     stages = train_stages(recipe, init_dir, data_dir, out, timings)
 

@@ -261,3 +261,33 @@ def test_qwen2_5_window_order_is_restored_to_merge_group_order(tokenizer):
         # The tower un-permutes only its own merger output; merging our features must give exactly that.
         torch.testing.assert_close(tower.merger(features), own.pooler_output, rtol=0, atol=1e-6)
         assert not torch.allclose(features, own.last_hidden_state)  # the raw output really is window-ordered
+
+
+def test_another_tower_is_added_with_a_spec(tokenizer):
+    from transformers import ViTConfig, ViTImageProcessor
+
+    from finevit_vl.models import (
+        VISION_TOWER_SPECS,
+        FineViTVLForConditionalGeneration,
+        FineViTVLProcessor,
+        VisionTowerSpec,
+        register_vision_tower,
+    )
+    from finevit_vl.models.chat_templates import build_chat_template
+
+    register_vision_tower("vit", VisionTowerSpec("fixed", num_prefix_tokens=1, unused_modules=("pooler",)))
+    try:
+        vision = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=84, patch_size=14)
+        text = AutoConfig.for_model("qwen3", **TINY_TEXT_CONFIGS["qwen3"], vocab_size=len(tokenizer))
+        model = FineViTVLForConditionalGeneration(FineViTVLConfig(
+            vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"))).eval()
+        processor = FineViTVLProcessor(ViTImageProcessor(size={"height": 84, "width": 84}), tokenizer,
+                                       chat_template=build_chat_template("chatml", "<|image|>"), patch_size=14)
+        inputs = processor(images=[random_image(60, 90)], text=[_chat(processor)])
+        assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 9  # 6 x 6 patches, CLS dropped
+        with torch.no_grad():
+            assert model(**inputs).logits.isfinite().all()
+        assert not any(p.requires_grad for n, p in model.named_parameters() if ".pooler." in n)
+    finally:
+        VISION_TOWER_SPECS.pop("vit")

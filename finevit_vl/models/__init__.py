@@ -11,6 +11,7 @@ from .modeling_finevit_vl import (
     FineViTVLProjector,
 )
 from .processing_finevit_vl import FineViTVLProcessor
+from .vision_tower_specs import VISION_TOWER_SPECS, VisionTowerSpec, register_vision_tower
 
 
 __all__ = [
@@ -25,4 +26,7 @@ __all__ = [
     "FineViTVLPreTrainedModel",
     "FineViTVLProcessor",
     "FineViTVLProjector",
+    "VISION_TOWER_SPECS",
+    "VisionTowerSpec",
+    "register_vision_tower",
 ]

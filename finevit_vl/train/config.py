@@ -31,7 +31,7 @@ class ModelConfig:
     init: str | None = None  # "tiny"
     path: str | None = None  # a FineViT-VL checkpoint (e.g. from `finevit-vl build`), loaded with from_pretrained
     text_model_type: str = "qwen3"  # tiny only
-    vision_preset: str = "finevit-test"  # tiny only
+    vision_preset: str = "finevit-test"  # init: tiny only; any encoder preset (finevit_vl.encoders), e.g. siglip2-naflex-test
     vocab_size: int = 512  # tiny only
     tokenizer_corpus_records: int = 2000  # tiny only: training records read to train the tokenizer
     text_overrides: dict[str, Any] = field(default_factory=dict)  # tiny only
