@@ -16,6 +16,7 @@ from .vision_tower_specs import VISION_TOWER_SPECS, VisionTowerSpec, register_vi
 
 __all__ = [
     "FINEVIT_PRESETS",
+    "VISION_TOWER_SPECS",
     "FineViTConfig",
     "FineViTImageProcessor",
     "FineViTModel",
@@ -26,7 +27,6 @@ __all__ = [
     "FineViTVLPreTrainedModel",
     "FineViTVLProcessor",
     "FineViTVLProjector",
-    "VISION_TOWER_SPECS",
     "VisionTowerSpec",
     "register_vision_tower",
 ]
