@@ -1,7 +1,8 @@
 """`finevit-vl` command line: one entry point, each sub-command implemented in its own module.
 
-Sub-commands are imported lazily so `finevit-vl --help` stays fast and a sub-command's heavy dependencies
-(accelerate, lmms-eval) are only needed when it runs.
+Sub-commands are imported lazily (and `import finevit_vl` does not import torch), so `finevit-vl --help` and
+`finevit-vl --version` are instant and a sub-command's heavy dependencies (accelerate, lmms-eval) are only needed when
+it runs.
 """
 
 import importlib
@@ -23,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: finevit-vl <command> [args]", "", "commands:"]
+    lines = ["usage: finevit-vl [--version] <command> [args]   (`finevit-vl <command> --help` for its options)", "",
+             "commands:"]
     lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -32,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from finevit_vl import __version__
+
+        print(f"finevit-vl {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

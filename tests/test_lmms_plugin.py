@@ -162,3 +162,42 @@ def test_plugin_serves_other_vision_towers(tmp_path, docs, vision_preset):
     expected = _reference_answers(checkpoint, docs, max_pixels=96 * 96)
     assert len(set(expected)) > 1, "the tiny model answers every doc alike; the comparison would be vacuous"
     assert batched == expected
+
+
+def test_builtin_bbox_rec_tasks_get_boxes_in_the_convention_they_parse(checkpoint, docs, monkeypatch):
+    """An int1000 answer reaches lmms-eval's `refcoco*_bbox_rec_*` as [0, 1] floats, which its own parser scores
+    IoU 1 against the matching ground truth; our tasks and `refcoco_grounding_*` (0-1000) get it unchanged."""
+    datasets = pytest.importorskip("datasets")
+    from lmms_eval.tasks.refcoco import utils_rec
+
+    from finevit_vl.eval import lmms_model
+
+    answer = "The dog is at [100, 200, 500, 600]."
+    monkeypatch.setattr(lmms_model, "generate_answers", lambda model, processor, chats, *a, **k: [answer] * len(chats))
+    tasks = [TASK, "refcoco_bbox_rec_val", "refcoco+_bbox_rec_testA", "refcocog_bbox_rec_test", "refcoco_grounding_testA"]
+    model = FineViTVL(pretrained=checkpoint, batch_size=2)
+    model.task_dict = {task: {SPLIT: docs[:1]} for task in tasks}
+    requests = [
+        Instance(request_type="generate_until", arguments=("q", _doc_to_messages, dict(GREEDY), 0, task, SPLIT),
+                 idx=0, metadata={"task": task, "doc_id": 0, "repeats": 1})
+        for task in tasks
+    ]
+    converted = "The dog is at [0.1, 0.2, 0.5, 0.6]."
+    assert model.generate_until(requests) == [answer, converted, converted, converted, answer]
+
+    # The built-in task's own preprocessing (pixels xywh -> [0, 1] xyxy) and parsing score it IoU 1.
+    image = Image.new("RGB", (200, 100))
+    rows = datasets.Dataset.from_list([{"question_id": 1, "image": image, "answer": ["the dog"], "bbox": [20, 20, 80, 40]}])
+    doc = utils_rec.refcoco_bbox_rec_preprocess_dataset(rows)[0]
+    scored = utils_rec.refcoco_bbox_rec_process_result(doc, [converted])["refcoco_IoU"]
+    assert utils_rec.compute_iou(scored["pred"], scored["bbox"]) == pytest.approx(1.0)
+    assert utils_rec.compute_iou(utils_rec.parse_float_sequence_within(answer), doc["bbox"]) == 0.0  # unconverted
+
+    # A fixed convention for every task, and a norm1 model on our own int1000 tasks.
+    fixed = FineViTVL.from_model(model.model, model.processor, task_box_format="int1000")
+    assert fixed._postprocess(answer, [], "refcoco_bbox_rec_val") == answer
+    norm1 = FineViTVL.from_model(model.model, model.processor, box_format="norm1")
+    assert norm1._postprocess(converted, [], "refcoco_bbox_rec_val") == converted
+    assert norm1._postprocess(converted, [], TASK) == answer
+    with pytest.raises(ValueError, match="task_box_format"):
+        FineViTVL.from_model(model.model, model.processor, task_box_format="pixels")

@@ -16,10 +16,11 @@ Per task (wording from `finevit_vl.prompts`, shared with evaluation):
 * ``ocr``: per item ``BOX_TO_OCR`` -> text and ``OCR_TO_BOX`` -> box (quads as 4 points), plus one ``READ_ALL_TEXT``
   turn answered with every text in record order, one per line.
 * ``grounding``: per item ``CAPTION_TO_BOX`` with the expression -> box.
-* ``conversation``: the turns as written, ``<image>`` markers replaced by image items and ``<box>`` filled in order.
+* ``conversation``: the turns as written (a system turn included), ``<image>`` markers replaced by image items and
+  ``<box>`` filled in order.
 
 Text -> box turns are dropped when the same text names several items of the record: the target would be ambiguous.
-Turns are shuffled with ``rng`` when one is given; images always open the first user turn.
+Turns are shuffled with ``rng`` when one is given; without markers, images open the first user turn.
 """
 
 import random
@@ -122,6 +123,7 @@ def _conversation_messages(
 ) -> list[Message]:
     boxes = iter(record.get("boxes", []))
     has_markers = any(IMAGE_MARKER in turn["content"] for turn in record["conversations"])
+    first_user = next(index for index, turn in enumerate(record["conversations"]) if turn["role"] == "user")
     messages: list[Message] = []
     for index, turn in enumerate(record["conversations"]):
         # Fill "<box>" placeholders left to right, across turns.
@@ -130,7 +132,7 @@ def _conversation_messages(
         if turn["role"] == "user" and has_markers:
             content = _split_images(text)
         else:
-            images = _images(num_images) if index == 0 else []
+            images = _images(num_images) if index == first_user else []
             content = [*images, _text(text)]
         messages.append({"role": turn["role"], "content": content})
     return messages

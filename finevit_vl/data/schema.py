@@ -8,7 +8,7 @@
  "regions": [{"box": [x1, y1, x2, y2], "text": str}],      # task "region": yields box->text AND text->box turns
  "ocr": [{"text": str, "box": [x1, y1, x2, y2]} | {"text": str, "quad": [x1, y1, ..., x4, y4]}],
  "grounding": [{"expression": str, "box": [x1, y1, x2, y2]}],
- "conversations": [{"role": "user" | "assistant", "content": str}],
+ "conversations": [{"role": "system" | "user" | "assistant", "content": str}],
  "boxes": [[x1, y1, x2, y2], ...],                          # fill the "<box>" placeholders of "conversations", in order
  "width": int, "height": int,                               # optional: size of the (first) image, upright (EXIF)
  "meta": {...}}                                             # optional: free-form, ignored by training
@@ -20,8 +20,10 @@ Rules a reader needs:
   multi-image record every box refers to the **first** image. They become text only at render time
   (`finevit_vl.boxes.box_to_text`).
 * In ``conversations``, ``"<image>"`` marks where each image goes (either no marker at all, or exactly one per
-  image, in order, in user turns only); ``"<box>"`` placeholders are filled in order from ``boxes``. Turns alternate
-  user / assistant, starting with user and ending with assistant.
+  image, in order, in user turns only); ``"<box>"`` placeholders are filled in order from ``boxes``. An optional
+  system turn comes first; then turns alternate user / assistant, starting with user and ending with assistant.
+* LLaVA and ShareGPT / LLaMA-Factory records are converted into this schema as they are read
+  (`finevit_vl.data.formats`).
 * Only a ``conversation`` may have no image.
 * Keys starting with ``_`` are transient: sources attach them while streaming and they are never written back.
   ``_error`` (a line/sample that could not be parsed) with its ``_error_kind`` (a `BAD_RECORD_KINDS` entry),
@@ -43,6 +45,7 @@ from ..boxes import BoxOutsideImageError, validate_box
 
 TASKS: tuple[str, ...] = ("caption", "region", "ocr", "grounding", "conversation")
 ROLES: tuple[str, ...] = ("user", "assistant")
+SYSTEM_ROLE = "system"  # allowed as the first turn of a conversation only
 IMAGE_MARKER = "<image>"
 BOX_MARKER = "<box>"
 
@@ -89,7 +92,7 @@ class GroundingItem(TypedDict):
 
 
 class Turn(TypedDict):
-    role: Literal["user", "assistant"]
+    role: Literal["system", "user", "assistant"]
     content: str
 
 
@@ -283,14 +286,16 @@ def _check_conversation(record: Record, num_images: int, size: tuple[int, int] |
     if not isinstance(turns, list) or not turns:
         raise ValueError("'conversations' must be a non-empty list of {'role', 'content'}")
     image_markers = box_markers = 0
+    has_system = isinstance(turns[0], dict) and turns[0].get("role") == SYSTEM_ROLE
     for index, turn in enumerate(turns):
         where = f"conversations[{index}]"
         if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
             raise TypeError(f"{where} must be {{'role': ..., 'content': str}}, got {turn!r}")
-        expected_role = ROLES[index % 2]
+        expected_role = SYSTEM_ROLE if has_system and index == 0 else ROLES[(index - has_system) % 2]
         if turn.get("role") != expected_role:
             raise ValueError(
-                f"{where}.role is {turn.get('role')!r}; turns must alternate user/assistant starting with user"
+                f"{where}.role is {turn.get('role')!r}; turns must alternate user/assistant starting with user "
+                "(after an optional first system turn)"
             )
         if IMAGE_MARKER in turn["content"] and expected_role != "user":
             raise ValueError(f"{where}: '{IMAGE_MARKER}' may only appear in user turns")
@@ -314,6 +319,7 @@ __all__ = [
     "BAD_RECORD_KINDS",
     "BOX_MARKER",
     "IMAGE_MARKER",
+    "SYSTEM_ROLE",
     "TASKS",
     "BadRecordError",
     "GroundingItem",

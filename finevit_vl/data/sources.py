@@ -35,6 +35,7 @@ import json
 import os
 import posixpath
 import random
+import re
 import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -43,12 +44,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from .configs import from_mapping, to_mapping
-from .schema import Record
+from .formats import to_schema
+from .schema import BadRecordError, Record
 
 
 RecordWithLocation = tuple[Record, str]
 PathLike = str | os.PathLike
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"})
+_JSON_SEPARATOR = re.compile(r"[\s,]*")  # what separates the items of a JSON array
 
 
 class Source(Protocol):
@@ -116,7 +119,7 @@ def _unusable(reason: str, kind: str, **keys: Any) -> Record:
     return {**keys, "_error": reason, "_error_kind": kind}
 
 
-def _parse_json(data: bytes, location: str) -> Record:
+def _parse_json(data: bytes) -> Record:
     """One JSON object, or an ``_error`` marker saying why it is not one."""
     try:
         record = json.loads(data)
@@ -124,15 +127,31 @@ def _parse_json(data: bytes, location: str) -> Record:
         return _unusable(f"not UTF-8 text ({err.reason} at byte {err.start})", "malformed JSON")
     except json.JSONDecodeError as err:
         return _unusable(f"malformed JSON ({err.msg} at column {err.colno})", "malformed JSON")
+    return _as_object(record)
+
+
+def _as_object(record: Any) -> Record:
     if not isinstance(record, dict):
         return _unusable(f"expected a JSON object, got {type(record).__name__}", "malformed JSON")
     return record
 
 
-class JsonlSource(RecordSource):
-    """Records from one JSONL file; relative image paths resolve against ``image_root`` (default: the file's folder).
+def _to_schema(record: Record, location: str) -> Record:
+    """A parsed record in our schema, whatever format it came in (`finevit_vl.data.formats`), or an ``_error``
+    marker naming the accepted formats."""
+    try:
+        return to_schema(record, location)
+    except BadRecordError as err:
+        keys = {"id": record["id"]} if isinstance(record.get("id"), str) else {}
+        return _unusable(err.reason, err.kind, **keys)
 
-    Blank lines are ignored (they are not records and do not count for sharding); locations use 1-based line numbers.
+
+class JsonlSource(RecordSource):
+    """Records from one JSONL file, or one JSON file holding an array of records (LLaVA style); relative image paths
+    resolve against ``image_root`` (default: the file's folder).
+
+    Blank lines are ignored (they are not records and do not count for sharding); locations use 1-based line numbers
+    (of the line where the record starts, in a JSON array).
     """
 
     def __init__(self, path: PathLike, image_root: PathLike | None = None) -> None:
@@ -145,26 +164,59 @@ class JsonlSource(RecordSource):
     def __repr__(self) -> str:
         return f"JsonlSource({str(self.path)!r})"
 
+    def _is_array(self) -> bool:
+        with open(self.path, "rb") as file:
+            head = file.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        return head.startswith(b"[")
+
     def __len__(self) -> int:
-        """Records in the file (non-blank lines), whatever this view's shard."""
+        """Records in the file (non-blank lines, or array items), whatever this view's shard."""
+        if self._is_array():
+            return sum(1 for _ in _array_items(self.path))
         with open(self.path, "rb") as file:
             return sum(1 for line in file if line.strip())
 
     def _stream(self, start: int, step: int) -> Iterator[RecordWithLocation]:
-        index = -1
+        items = _array_items(self.path) if self._is_array() else self._lines()
+        for index, (line_number, data) in enumerate(items):
+            if index < start or (index - start) % step:
+                continue
+            location = f"{self.path}:{line_number}"
+            record = _to_schema(_parse_json(data) if isinstance(data, bytes) else _as_object(data), location)
+            if "_error" not in record:
+                record["_image_root"] = str(self.image_root)
+            yield record, location
+
+    def _lines(self) -> Iterator[tuple[int, bytes]]:
         # Binary lines: skipped records are never decoded, and a bad byte spoils only its own line.
         with open(self.path, "rb") as file:
             for line_number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                index += 1
-                if index < start or (index - start) % step:
-                    continue
-                location = f"{self.path}:{line_number}"
-                record = _parse_json(line, location)
-                if "_error" not in record:
-                    record["_image_root"] = str(self.image_root)
-                yield record, location
+                if line.strip():
+                    yield line_number, line
+
+
+def _array_items(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line where it starts, parsed item)`` per item of a JSON array file; an item that does not parse ends the
+    file with an ``_error`` marker (the rest of an array cannot be found without it)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        yield 1, _unusable(f"not UTF-8 text ({err.reason} at byte {err.start})", "malformed JSON")
+        return
+    decoder = json.JSONDecoder()
+    position = re.compile(r"\s*\[").match(text).end()
+    position = _JSON_SEPARATOR.match(text, position).end()
+    line, counted = 1, 0
+    while position < len(text) and text[position] != "]":
+        line, counted = line + text.count("\n", counted, position), position
+        try:
+            item, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as err:
+            reason = f"malformed JSON ({err.msg} at line {err.lineno} column {err.colno}); the rest of the array is not read"
+            yield line, _unusable(reason, "malformed JSON")
+            return
+        yield line, item
+        position = _JSON_SEPARATOR.match(text, position).end()
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -243,10 +295,13 @@ class WebDatasetSource(RecordSource):
 def _sample_to_record(key: str, data: dict[str, bytes], location: str) -> Record:
     if "json" not in data:
         return _unusable(f"sample has no .json member (found extensions {sorted(data)})", "incomplete sample")
-    record = _parse_json(data["json"], location)
+    record = _parse_json(data["json"])
     if "_error" in record:
         return record
     record.setdefault("id", key)
+    record = _to_schema(record, location)
+    if "_error" in record:
+        return record
     base = posixpath.basename(key)
     images = sorted(ext for ext in data if ext.rpartition(".")[2].lower() in IMAGE_EXTENSIONS)
     named = record.get("image")
@@ -345,7 +400,7 @@ class HFDatasetSource(RecordSource):
     def _stream(self, start: int, step: int) -> Iterator[RecordWithLocation]:
         for index in range(start, len(self.dataset), step):
             location = f"{self.label}:{index}"
-            yield self._row_to_record(dict(self.dataset[index])), location
+            yield _to_schema(self._row_to_record(dict(self.dataset[index])), location), location
 
     def _row_to_record(self, row: dict[str, Any]) -> Record:
         image = row.pop(self.image_column, None)
@@ -541,7 +596,6 @@ __all__ = [
     "JsonlSource",
     "JsonlSourceConfig",
     "MixtureSource",
-    "describe_source",
     "MixtureSourceConfig",
     "RecordSource",
     "Source",
@@ -549,5 +603,6 @@ __all__ = [
     "WebDatasetSource",
     "WebDatasetSourceConfig",
     "build_source",
+    "describe_source",
     "resolve_source_paths",
 ]

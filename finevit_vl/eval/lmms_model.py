@@ -9,6 +9,12 @@ Command line (registered through the ``lmms_eval.models`` entry point)::
 Multi-process: ``accelerate launch --num_processes N -m lmms_eval ...``; on CPU-only hosts
 ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m lmms_eval ...``.
 
+Boxes: the model answers in its training convention (``box_format``); each answer's boxes are rewritten into the
+convention the task scores (``task_box_format``): ``norm1`` floats in [0, 1] for lmms-eval's built-in
+``refcoco*_bbox_rec_*`` tasks (their ``parse_float_sequence_within``), ``int1000`` for every other task (ours, and
+the built-in ``refcoco*_grounding_*`` tasks, which read 0-1000 boxes). So ``[100, 200, 500, 600]`` from an
+``int1000`` model reaches ``refcoco_bbox_rec_val`` as ``[0.1, 0.2, 0.5, 0.6]``.
+
 In-process, e.g. evaluation during training, wrap an already-loaded model: ``FineViTVL.from_model(model, processor)``.
 The wrapper survives ``evaluate()`` (its ``clean()`` keeps the model), so one instance can be evaluated many times.
 """
@@ -16,6 +22,7 @@ The wrapper survives ``evaluate()`` (its ``clean()`` keeps the model), so one in
 import copy
 import gc
 import os
+import re
 
 import torch
 from lmms_eval.api.instance import Instance
@@ -30,6 +37,14 @@ from finevit_vl.eval.generation import generate_answers
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_NEW_TOKENS = 128
+# Built-in lmms-eval tasks that parse boxes in another convention than int1000, by task name.
+BUILTIN_TASK_BOX_FORMATS: tuple[tuple[re.Pattern, str], ...] = ((re.compile(r"refcoco(\+|g)?_bbox_rec_"), "norm1"),)
+TASK_BOX_FORMATS = ("auto", *boxes.BOX_FORMATS)
+
+
+def task_box_format(task: str | None) -> str:
+    """The box convention a task parses: ``norm1`` for lmms-eval's ``refcoco*_bbox_rec_*``, else ``int1000``."""
+    return next((fmt for pattern, fmt in BUILTIN_TASK_BOX_FORMATS if task and pattern.match(task)), "int1000")
 
 
 class FineViTVL(lmms):
@@ -44,8 +59,10 @@ class FineViTVL(lmms):
         max_pixels, min_pixels: override the image processor's pixel budget.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``.
         adapter: a PEFT adapter directory, merged into the model after loading.
-        box_format: the box convention the model answers in (`finevit_vl.boxes`). The grounding tasks score our
-            ``int1000`` convention, so boxes in any other convention are rewritten to it before scoring.
+        box_format: the box convention the model answers in (`finevit_vl.boxes`), the one it was trained with.
+        task_box_format: the convention answers are rewritten into: ``auto`` (default) per task (``norm1`` for
+            lmms-eval's built-in ``refcoco*_bbox_rec_*``, ``int1000`` for the others, see `task_box_format`), or
+            ``int1000`` / ``norm1`` for every task.
         max_new_tokens: used when a task sets none.
     """
 
@@ -62,6 +79,7 @@ class FineViTVL(lmms):
         attn_implementation: str | None = None,
         adapter: str | None = None,
         box_format: str = "int1000",
+        task_box_format: str = "auto",
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         max_batch_size: int | None = None,  # passed by lmms-eval; batch sizes are fixed here
         **kwargs,
@@ -94,7 +112,8 @@ class FineViTVL(lmms):
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model = model.to(device).eval()
         processor = AutoProcessor.from_pretrained(pretrained)
-        self._attach(model, processor, batch_size, max_pixels, min_pixels, box_format, max_new_tokens, accelerator)
+        self._attach(model, processor, batch_size, max_pixels, min_pixels, box_format, max_new_tokens, accelerator,
+                     task_box_format)
 
     @classmethod
     def from_model(
@@ -107,6 +126,7 @@ class FineViTVL(lmms):
         box_format: str = "int1000",
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         accelerator=None,
+        task_box_format: str = "auto",
     ) -> "FineViTVL":
         """Wrap an already-loaded (unwrapped, not DDP) model and its processor, e.g. inside a training loop.
 
@@ -115,11 +135,16 @@ class FineViTVL(lmms):
         """
         self = cls.__new__(cls)
         lmms.__init__(self)
-        self._attach(model, processor, batch_size, max_pixels, min_pixels, box_format, max_new_tokens, accelerator)
+        self._attach(model, processor, batch_size, max_pixels, min_pixels, box_format, max_new_tokens, accelerator,
+                     task_box_format)
         return self
 
-    def _attach(self, model, processor, batch_size, max_pixels, min_pixels, box_format, max_new_tokens, accelerator):
+    def _attach(self, model, processor, batch_size, max_pixels, min_pixels, box_format, max_new_tokens, accelerator,
+                task_box_format="auto"):
         boxes.check_box_format(box_format)
+        if task_box_format not in TASK_BOX_FORMATS:
+            raise ValueError(f"task_box_format must be one of {TASK_BOX_FORMATS}, got {task_box_format!r}")
+        self.task_box_format = task_box_format
         self.model = model
         self.processor = processor
         self.batch_size = int(batch_size)
@@ -190,7 +215,7 @@ class FineViTVL(lmms):
         until = gen_kwargs.pop("until", None) or []
         until = [stop for stop in ([until] if isinstance(until, str) else until) if stop]
         answers = generate_answers(self.model, self.processor, chats, self.device, **self._generation_config(gen_kwargs, until))
-        return [self._postprocess(answer, until) for answer in answers]
+        return [self._postprocess(answer, until, args[4]) for answer, args in zip(answers, batch_args)]
 
     def _generation_config(self, gen_kwargs: dict, until: list[str]) -> dict:
         temperature = float(gen_kwargs.get("temperature", 0.0))
@@ -208,16 +233,17 @@ class FineViTVL(lmms):
             config.update(stop_strings=until, tokenizer=self.processor.tokenizer)
         return config
 
-    def _postprocess(self, answer: str, until: list[str]) -> str:
+    def _postprocess(self, answer: str, until: list[str], task: str | None = None) -> str:
         for stop in until:
             answer = answer.split(stop, 1)[0]
         answer = answer.strip()
-        if self.box_format != "int1000":
-            # Rewrite the model's boxes into the int 0-1000 convention the grounding tasks score.
+        target = task_box_format(task) if self.task_box_format == "auto" else self.task_box_format
+        if self.box_format != target:
+            # Rewrite the model's boxes into the convention the task parses.
             answer = boxes.BOX_PATTERN.sub(
-                lambda m: boxes.box_to_text(boxes.parse_box(m.group(0), self.box_format), 1, 1, "int1000"), answer
+                lambda m: boxes.box_to_text(boxes.parse_box(m.group(0), self.box_format), 1, 1, target), answer
             )
         return answer
 
 
-__all__ = ["FineViTVL"]
+__all__ = ["BUILTIN_TASK_BOX_FORMATS", "FineViTVL", "task_box_format"]

@@ -1,0 +1,30 @@
+"""The `finevit-vl` entry point: `--help` and `--version` answer without importing torch, and `import finevit_vl`
+still registers the Auto classes whichever of it and transformers is imported first."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300).stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
+def test_help_and_version_do_not_import_torch(argv):
+    out = _python(f"import sys; from finevit_vl.cli import main; main({argv!r}); print('torch' in sys.modules)")
+    assert out.splitlines()[-1] == "False"
+    assert ("finevit-vl 0" in out) if argv == ["--version"] else ("commands:" in out and "tasks-path" in out)
+
+
+@pytest.mark.parametrize("code", [
+    "import finevit_vl; from transformers import AutoConfig",  # package first
+    "import transformers; import finevit_vl",  # transformers first
+    "import finevit_vl; finevit_vl.FineViTVLConfig",  # a model class on first use
+    "import finevit_vl.cli, finevit_vl.data",  # a sub-package that imports the models while transformers loads
+])
+def test_auto_classes_are_registered(code):
+    out = _python(code + "\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING as m\n"
+                  "print('finevit' in m and 'finevit_vl' in m)")
+    assert out.splitlines()[-1] == "True"
