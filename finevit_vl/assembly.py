@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 
 import torch
 from torch import nn
@@ -183,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     layer = args.vision_feature_layer[0] if len(args.vision_feature_layer) == 1 else args.vision_feature_layer
-    model, _ = build_finevit_vl(
-        args.vision, args.llm, args.out, chat_format=args.chat_format, vision_feature_layer=layer,
-        spatial_merge_size=args.merge_size, max_pixels=args.max_pixels, dtype=getattr(torch, args.dtype),
-    )
+    try:
+        model, _ = build_finevit_vl(
+            args.vision, args.llm, args.out, chat_format=args.chat_format, vision_feature_layer=layer,
+            spatial_merge_size=args.merge_size, max_pixels=args.max_pixels, dtype=getattr(torch, args.dtype),
+        )
+    except (ValueError, OSError) as error:  # a user's mistake (paths, unsupported parts): a message, no traceback
+        print(f"finevit-vl build: error: {error}", file=sys.stderr)
+        return 2
     n_params = sum(p.numel() for p in model.parameters())
     print(f"saved FineViT-VL ({n_params / 1e6:.1f}M parameters) to {args.out}")
     return 0

@@ -28,3 +28,15 @@ def test_auto_classes_are_registered(code):
     out = _python(code + "\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING as m\n"
                   "print('finevit' in m and 'finevit_vl' in m)")
     assert out.splitlines()[-1] == "True"
+
+
+def test_user_mistakes_get_a_message_and_exit_2_without_a_traceback(tmp_path):
+    for args, message in (
+        (["build", "--vision", "finevit-test", "--llm", str(tmp_path / "missing"), "--out", str(tmp_path / "vl")],
+         "is not a directory"),
+        (["train", str(tmp_path / "missing.yaml")], "config file not found"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "finevit_vl.cli", *args], capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr

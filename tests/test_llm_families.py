@@ -76,3 +76,27 @@ def test_the_llms_own_chat_template_is_kept_with_the_image_placeholder(tokenizer
     assert supervised == "three<end_of_turn>"  # assistant tokens found turn by turn, without {% generation %}
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "vl")
     assert processor.tokenizer.eos_token_id in model.generation_config.eos_token_id
+
+
+def test_the_shipped_cpu_config_trains_gemma2_which_has_no_sdpa(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from finevit_vl.data.synthetic import make_data
+
+    make_data(tmp_path / "data", seed=0, train_per_task=4, eval_per_task=2, families=("counting",))
+    config = Path(__file__).resolve().parents[1] / "train_configs" / "tiny_cpu_stage3.yaml"
+    text = json.dumps({**FAMILIES["gemma2"], "max_position_embeddings": 2048})
+    result = subprocess.run(
+        [sys.executable, "-m", "finevit_vl.train", str(config), f"run_dir={tmp_path / 'run'}", "model.text_model_type=gemma2",
+         f"model.text_overrides={text}", f"data.train.path={tmp_path / 'data/stage3/train.jsonl'}",
+         f"data.eval.path={tmp_path / 'data/stage3/eval.jsonl'}", "train.max_steps=2", "eval.every=0",
+         "train.checkpoint_every=2"],
+        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "does not support it; its LLM runs with eager attention" in result.stderr
+    final = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "final")
+    assert final.config.text_config.model_type == "gemma2"

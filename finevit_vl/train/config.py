@@ -215,7 +215,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     """Read a YAML config, apply `key=value` overrides, resolve paths and validate."""
     data: dict = {}
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            raise ValueError(f"config file not found: {path} (the shipped ones are in train_configs/)")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config is a mapping of sections (model:, data:, train:, ...), got {type(data).__name__}")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     config = from_mapping(Config, data)

@@ -56,6 +56,26 @@ def ensure_tiny_init(config: Config, accelerator) -> str:
     return str(init_dir)
 
 
+ATTENTION_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                           "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
+
+
+def attn_implementation_for(path: str, requested: str) -> str | dict[str, str]:
+    """`requested` for the whole model, except that an LLM without it (Gemma-2 has no SDPA) runs eager, with a
+    warning saying so; the encoder keeps `requested`."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    text_config = AutoConfig.from_pretrained(path).get_text_config()
+    flag = ATTENTION_SUPPORT_FLAGS.get(requested)
+    llm_class = MODEL_MAPPING.get(type(text_config), None)
+    if flag is None or llm_class is None or getattr(llm_class, flag, False):
+        return requested
+    logger.warning("model.attn_implementation %s: %s does not support it; its LLM runs with eager attention (the "
+                   "encoder with %s)", requested, llm_class.__name__, requested)
+    return {"text_config": "eager", "vision_config": requested}
+
+
 def quantization_config(config: Config):
     if config.model.quantization is None:
         return None
@@ -86,7 +106,7 @@ def load_model(config: Config, accelerator) -> tuple[nn.Module, object, str]:
         raise ValueError(f"data.min_pixels / data.max_pixels: {err}") from None
     kwargs = {"dtype": DTYPES[config.model.dtype]}
     if config.model.attn_implementation:
-        kwargs["attn_implementation"] = config.model.attn_implementation
+        kwargs["attn_implementation"] = attn_implementation_for(path, config.model.attn_implementation)
     quantization = quantization_config(config)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
