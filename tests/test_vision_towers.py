@@ -147,7 +147,7 @@ def test_packed_rows_give_the_unpacked_per_sample_losses(built, family):
 
     def losses(batch):  # as the trainer runs a micro-batch
         images = {name: batch[name] for name in IMAGE_INPUT_NAMES if name in batch}
-        masks = attention_inputs(batch["segment_ids"], batch["position_ids"], "sdpa", torch.float32)
+        masks = attention_inputs(batch["segment_ids"], batch["position_ids"])
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], use_cache=False, **images, **masks).logits
         return per_sample_losses(logits, batch["labels"], batch["sample_ids"])

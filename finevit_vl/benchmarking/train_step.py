@@ -84,7 +84,7 @@ def make_batch(samples: list, processor, s: dict, pack: bool) -> dict:
     else:
         rows = [[sample] for sample in samples]
     batch = collate_rows(rows, processor.tokenizer.pad_token_id, dummy_image_inputs(processor))
-    batch["attention"] = attention_inputs(batch["segment_ids"], batch["position_ids"], "sdpa", torch.float32)
+    batch["attention"] = attention_inputs(batch["segment_ids"], batch["position_ids"])
     return batch
 
 

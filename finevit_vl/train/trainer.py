@@ -48,16 +48,15 @@ class Trainer:
         self.held_out = held_out
         counts = module_param_counts(model)
         self.vision_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n.split("."))
-        self.attn_implementation = model.config.get_text_config()._attn_implementation
         self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model, config))
         # Stepped by hand once per optimizer step (an Accelerate-prepared scheduler steps once per process); not saved:
         # rebuilt from the config and the step on resume.
         self.scheduler = build_scheduler(self._inner_optimizer, config)
-        self.mask_dtype = MIXED_PRECISION_DTYPES.get(accelerator.mixed_precision, self.vision_dtype)
+        self.compute_dtype = MIXED_PRECISION_DTYPES.get(accelerator.mixed_precision, self.vision_dtype)
         self.checkpoints = CheckpointManager(accelerator, config.run_dir, config.train.keep_last, run_id)
         self.metrics = MetricsWriter(accelerator, config.run_dir)
         self.filler = filler_batch(processor.tokenizer.pad_token_id, dummy_image_inputs(processor))
-        peak = peak_flops_per_device(config.logging.peak_tflops, self.mask_dtype)
+        peak = peak_flops_per_device(config.logging.peak_tflops, self.compute_dtype)
         self.throughput = Throughput(counts, peak, accelerator.num_processes)
         self.merge_unit = processor.merge_size**2
         self.step = 0
@@ -69,7 +68,7 @@ class Trainer:
     def token_losses(self, batch: dict) -> torch.Tensor:
         """Forward one micro-batch; per-token next-token losses `(rows, len - 1)` in fp32."""
         device = self.accelerator.device
-        inputs = attention_inputs(batch["segment_ids"], batch["position_ids"], self.attn_implementation, self.mask_dtype)
+        inputs = attention_inputs(batch["segment_ids"], batch["position_ids"])
         weight = batch.get("image_token_weight")
         outputs = self.model(
             input_ids=batch["input_ids"].to(device),
