@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[all]"
+	@# Headless Chromium + chromedriver for the web demo's browser test (Debian/Ubuntu as root; elsewhere it is skipped).
+	@(command -v chromium && command -v chromedriver) >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+		echo "note: could not install chromium + chromium-driver; the web demo's browser test will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("finevit_vl.quickstart:main", "the demo: data -> tiny model -> Stage III -> SFT -> lmms-eval -> report"),
     "compare": ("finevit_vl.compare:main", "the same recipe with several vision encoders, side by side (FineViT vs SigLIP2 vs Qwen2-VL ...)"),
     "bench": ("finevit_vl.bench:main", "run the benchmarks in benchmarks/ and write results + BENCHMARKS.md"),
+    "chat": ("finevit_vl.chat:main", "chat with a checkpoint in the terminal: multi-turn, images, streamed answers"),
+    "web-demo": ("finevit_vl.web_demo:main", "a browser demo (Gradio): image upload, chat, boxes drawn on the image"),
     "tasks-path": ("finevit_vl.eval.tasks_path:main", "print the directory to pass to `lmms-eval --include_path`"),
 }
 
