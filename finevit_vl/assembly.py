@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import re
-import sys
 
 import torch
 from torch import nn
@@ -22,6 +21,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging as hf_logging
 
+from .cli import report_user_error
 from .encoders import load_encoder
 from .models import FineViTVLConfig, FineViTVLForConditionalGeneration, FineViTVLProcessor
 from .models.chat_templates import (
@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             spatial_merge_size=args.merge_size, max_pixels=args.max_pixels, dtype=getattr(torch, args.dtype),
         )
     except (ValueError, OSError) as error:  # a user's mistake (paths, unsupported parts): a message, no traceback
-        print(f"finevit-vl build: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error("build", error)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"saved FineViT-VL ({n_params / 1e6:.1f}M parameters) to {args.out}")
     return 0

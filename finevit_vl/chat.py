@@ -11,6 +11,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .cli import report_user_error
+
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 COMMANDS_HELP = "/image PATH  attach an image to the next question   /reset  new conversation   /quit  leave"
@@ -183,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             conversation.attach(open_image(path))
         model, processor = load_model(args.model_dir, args.device, args.dtype, args.max_pixels)
     except (ValueError, OSError) as error:  # a user's mistake (paths, not a model, not an image): one line, no traceback
-        print(f"finevit-vl chat: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error("chat", error)
     interactive = sys.stdin.isatty()
     if interactive:
         try:

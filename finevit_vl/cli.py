@@ -6,7 +6,11 @@ it runs.
 """
 
 import importlib
+import os
 import sys
+
+
+DEBUG_ENV = "FINEVIT_VL_DEBUG"  # set by `finevit-vl --debug`: user errors show their traceback too
 
 
 # name -> ("module:function", one-line help). Each function takes the remaining argv and returns an exit code.
@@ -21,12 +25,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("finevit_vl.bench:main", "run the benchmarks in benchmarks/ and write results + BENCHMARKS.md"),
     "chat": ("finevit_vl.chat:main", "chat with a checkpoint in the terminal: multi-turn, images, streamed answers"),
     "web-demo": ("finevit_vl.web_demo:main", "a browser demo (Gradio): image upload, chat, boxes drawn on the image"),
+    "serve": ("finevit_vl.web_demo:main", "the same as web-demo"),
     "tasks-path": ("finevit_vl.eval.tasks_path:main", "print the directory to pass to `lmms-eval --include_path`"),
 }
 
 
+def report_user_error(command: str, error: BaseException) -> int:
+    """A user's mistake (a path, a config value, an unsupported part) as one line on stderr and exit code 2; with
+    `finevit-vl --debug` (or FINEVIT_VL_DEBUG=1) the exception is raised, traceback and all."""
+    if os.environ.get(DEBUG_ENV):
+        raise error
+    print(f"finevit-vl {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
 def _usage() -> str:
-    lines = ["usage: finevit-vl [--version] <command> [args]   (`finevit-vl <command> --help` for its options)", "",
+    lines = ["usage: finevit-vl [--version] [--debug] <command> [args]   (`finevit-vl <command> --help` for its options)",
+             "", "--debug: show the traceback of an error (user errors are one line otherwise)", "",
              "commands:"]
     lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
@@ -42,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"finevit-vl {__version__}")
         return 0
+    if argv[0] == "--debug":
+        os.environ[DEBUG_ENV] = "1"
+        argv = argv[1:] or ["--help"]
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"finevit-vl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

@@ -24,8 +24,8 @@ from .quickstart import SFT_WEIGHTS, SIZES, Recipe, build_initial_model, evaluat
 
 
 DEFAULT_ENCODERS = ("finevit", "siglip2-naflex", "qwen2-vl", "siglip")
-DEFAULT_FAMILIES = ("counting", "ocr", "chart")
-DEFAULT_MINUTES = 2.5
+DEFAULT_FAMILIES = ("counting", "ocr")
+DEFAULT_MINUTES = 5.0
 
 
 def _log(message: str) -> None:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (default: %(default)s)")
     parser.add_argument("--families", nargs="+", choices=list(SFT_WEIGHTS), default=list(DEFAULT_FAMILIES),
                         help="task families to train and evaluate (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and training (default: 0)")
     parser.add_argument("--out", default="runs/compare", help="run folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
                         help="extra trainer override for every run (as in quickstart); repeatable")

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finevit-vl quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget in CPU minutes (sets step counts)")
     parser.add_argument("--out", default="runs/quickstart", help="run folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initial model and training (default: 0)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (bigger needs more minutes)")
     parser.add_argument("--families", nargs="+", choices=list(SFT_WEIGHTS), default=list(SFT_WEIGHTS),
                         help="task families to generate, train and evaluate (default: all five)")

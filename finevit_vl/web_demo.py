@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from .boxes import BOX_FORMATS, BOX_PATTERN, normalized_to_pixels, parse_box
 from .chat import DTYPE_CHOICES, Conversation, generation_kwargs, load_model, reply
+from .cli import report_user_error
 
 
 BOX_COLOR = (255, 0, 0)
@@ -173,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, processor = load_model(args.model_dir, args.device, args.dtype, args.max_pixels)
     except (ValueError, OSError) as error:
-        print(f"finevit-vl web-demo: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error("web-demo", error)
     demo = build_demo(model, processor, args.box_format, args.max_new_tokens)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0

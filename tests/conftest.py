@@ -40,6 +40,20 @@ def assert_greedy_continuation(model, inputs, out: torch.Tensor, new_tokens: int
     assert torch.equal(logits[0, prompt_len - 1 : -1].argmax(-1), out[0, prompt_len:])
 
 
+# The start of a script run in a fresh interpreter WITHOUT this package (editable finder and any path to the repo
+# hidden; `REPO` must be defined before it), to prove a checkpoint carries its own code.
+WITHOUT_PACKAGE = """
+import sys
+sys.meta_path = [f for f in sys.meta_path if "finevit" not in repr(f).lower()]
+sys.path = [p for p in sys.path if "finevit" not in p.lower() and p not in ("", ".", REPO)]
+try:
+    import finevit_vl
+    raise SystemExit("finevit_vl is still importable")
+except ImportError:
+    pass
+"""
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

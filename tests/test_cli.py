@@ -40,3 +40,37 @@ def test_user_mistakes_get_a_message_and_exit_2_without_a_traceback(tmp_path):
                                 timeout=120, check=False)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "finevit_vl.cli", "--debug", "train", str(tmp_path / "missing.yaml")],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "config file not found" in result.stderr
+
+
+def test_every_option_of_every_command_has_help_text():
+    import argparse
+    import importlib
+    from unittest import mock
+
+    from finevit_vl.cli import COMMANDS
+
+    for name, (target, _) in COMMANDS.items():
+        module_name, function_name = target.split(":")
+        parsers = []
+        original = argparse.ArgumentParser.parse_args
+
+        def capture(self, *args, **kwargs):
+            parsers.append(self)
+            raise SystemExit(0)
+
+        with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
+            try:
+                getattr(importlib.import_module(module_name), function_name)(["--help"])
+            except SystemExit:
+                pass
+        assert original is argparse.ArgumentParser.parse_args
+        for parser in parsers:
+            for action in parser._actions:
+                if not isinstance(action, argparse._HelpAction):
+                    assert action.help, f"finevit-vl {name}: {action.option_strings or action.dest} has no help text"

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_greedy_continuation
+from conftest import WITHOUT_PACKAGE, assert_greedy_continuation
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -22,17 +22,8 @@ from finevit_vl.parameters import count_parameters
 from finevit_vl.tiny import TINY_TEXT_CONFIGS
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = WITHOUT_PACKAGE + textwrap.dedent(
     """
-    import sys
-    # Hide the installed package (editable finder and any path to the repo) to prove the checkpoint carries its code.
-    sys.meta_path = [f for f in sys.meta_path if "finevit" not in repr(f).lower()]
-    sys.path = [p for p in sys.path if "finevit" not in p.lower() and p not in ("", ".", REPO)]
-    try:
-        import finevit_vl
-        raise SystemExit("finevit_vl is still importable")
-    except ImportError:
-        pass
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     try:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_greedy_continuation, random_image
+from conftest import WITHOUT_PACKAGE, assert_greedy_continuation, random_image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from finevit_vl.assembly import build_finevit_vl
@@ -91,15 +91,7 @@ def test_generate_and_pipeline_on_images_of_several_sizes(built, family):
     assert result[0]["generated_text"][-1]["role"] == "assistant"
 
 
-REMOTE_SCRIPT = """
-import sys
-sys.meta_path = [f for f in sys.meta_path if "finevit" not in repr(f).lower()]
-sys.path = [p for p in sys.path if "finevit" not in p.lower() and p not in ("", ".", REPO)]
-try:
-    import finevit_vl
-    raise SystemExit("finevit_vl is still importable")
-except ImportError:
-    pass
+REMOTE_SCRIPT = WITHOUT_PACKAGE + """
 import torch
 from transformers import AutoModelForImageTextToText
 for name, checkpoint, inputs, out in JOBS:

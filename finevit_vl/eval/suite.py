@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks or groups (default: finevit_suite)")
     parser.add_argument("--data-dir", help="local benchmark copies: DATA_DIR/<dataset>/<split>.parquet (see eval_tasks/README.md)")
     parser.add_argument("--limit", type=_parse_limit, help="documents per task (int) or fraction (0-1); for quick checks only")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="generation batch size (default: 8)")
     parser.add_argument("--model-args", default="", help="extra plugin arguments, e.g. dtype=bfloat16,max_pixels=1003520,adapter=DIR")
     parser.add_argument("--gen-kwargs", default="", help="override the tasks' generation settings, e.g. max_new_tokens=16")
     parser.add_argument("--out", default="eval_results", help="output directory for results.json and results.md")

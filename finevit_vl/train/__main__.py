@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..cli import report_user_error
+
 
 logger = logging.getLogger("finevit_vl.train")
 
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ValueError as error:
-        parser.error(str(error))
+        return report_user_error("train", error)
     if args.print_config:
         import yaml
 
@@ -189,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     except (CheckpointError, ValueError) as error:  # user-facing: a clear message, no traceback
-        print(f"finevit-vl train: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error("train", error)
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import report_user_error
 from ..model_card import write_model_card
 
 
@@ -127,7 +128,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     from .checkpoint import CheckpointError
 
@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = export_checkpoint(args.checkpoint, args.out)
     except (CheckpointError, ValueError) as error:
-        print(f"finevit-vl export: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error("export", error)
     for kind, folder in written.items():
         print(f"{kind}: {folder}")
     return 0
