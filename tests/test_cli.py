@@ -60,8 +60,8 @@ def test_every_option_of_every_command_has_help_text():
         parsers = []
         original = argparse.ArgumentParser.parse_args
 
-        def capture(self, *args, **kwargs):
-            parsers.append(self)
+        def capture(self, *args, _parsers=parsers, **kwargs):
+            _parsers.append(self)
             raise SystemExit(0)
 
         with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
