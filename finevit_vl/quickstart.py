@@ -87,13 +87,13 @@ SIZES: dict[str, DemoSize] = {
 GLOBAL_BATCH = 16
 STAGE3_SHARE = 0.4  # of the training minutes; the rest is instruction tuning
 # Instruction-tuning mixture over the generator's task families, weighted by the steps each needs of its own before it
-# is learned (word recognition the most; grounding far more than the default budget has: README, "The demo").
+# is learned (word recognition the most; grounding far more than the default budget has: EXPERIMENTS.md).
 SFT_WEIGHTS = {"counting": 0.15, "grounding": 0.25, "ocr": 0.4, "chart": 0.15, "document": 0.05}
 # Past twice the default budget's SFT steps the families learned within it stop gaining, so their sample counts stay
 # and grounding, which keeps improving with steps, takes every further step.
 SATURATED_SFT_STEPS = 1800
 # The encoder trains in both stages (the paper unfreezes it for local tasks), at the stage's rate divided by this:
-# from random initialisation at the LLM's rate it collapses (README, "The demo").
+# from random initialisation at the LLM's rate it collapses (EXPERIMENTS.md).
 ENCODER_LR_DIVISOR = {"stage3": 20, "sft": 12}
 STAGE_CONFIGS = {"stage3": "tiny_cpu_stage3.yaml", "sft": "tiny_cpu_sft.yaml"}  # in training order
 TOKENIZER_RECORDS_PER_FILE = 4000  # Stage III and SFT training records each that the tokenizer is trained on
