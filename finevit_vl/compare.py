@@ -158,9 +158,11 @@ def comparison_markdown(results: dict[str, dict[str, Any]], recipe: Recipe, comm
     return "\n".join(lines)
 
 
-def run_comparison(recipe: Recipe, encoders: list[str], out: Path, command: str = "") -> dict[str, dict[str, Any]]:
+def run_comparison(recipe: Recipe, encoders: list[str], out: Path, command: str = "",
+                   patch_size: int | None = None) -> dict[str, dict[str, Any]]:
     """Run the recipe once per encoder under `out/<encoder>/`; write `out/report.md`, `results.json`,
-    `loss_curves.png`; return `{encoder: {"rows", "scores", "stages", "profile"}}`."""
+    `loss_curves.png`; return `{encoder: {"rows", "scores", "stages", "profile"}}`. `patch_size` replaces every
+    encoder's own (to separate the architecture from the patch size)."""
     from .report import result_rows
 
     started = time.perf_counter()
@@ -173,7 +175,8 @@ def run_comparison(recipe: Recipe, encoders: list[str], out: Path, command: str 
         run_recipe = replace(recipe, encoder=encoder)
         _log(f"{encoder}: building {run_recipe.vision_preset}")
         init_dir = build_initial_model(recipe.demo_size, data_dir, run_out / "init", recipe.seed,
-                                       vision_preset=run_recipe.vision_preset)
+                                       vision_preset=run_recipe.vision_preset,
+                                       vision_overrides={"patch_size": patch_size} if patch_size else None)
         if reference is None:
             reference = init_dir
         else:
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (default: %(default)s)")
     parser.add_argument("--families", nargs="+", choices=list(SFT_WEIGHTS), default=list(DEFAULT_FAMILIES),
                         help="task families to train and evaluate (default: %(default)s)")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="give every encoder this patch size instead of its own (SigLIP's is 16, the others' 14)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and training (default: 0)")
     parser.add_argument("--out", default="runs/compare", help="run folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
@@ -215,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     command = ("finevit-vl compare --encoders " + " ".join(args.encoders) + f" --minutes {args.minutes:g} --size "
-               f"{args.size} --families {' '.join(args.families)} --seed {args.seed}")
-    run_comparison(recipe, list(args.encoders), out, command)
+               f"{args.size} --families {' '.join(args.families)} --seed {args.seed}"
+               + (f" --patch-size {args.patch_size}" if args.patch_size else ""))
+    run_comparison(recipe, list(args.encoders), out, command, args.patch_size)
     print((out / "report.md").read_text())
     return 0
 

@@ -88,34 +88,41 @@ def fixed_side(max_pixels: int, patch_size: int, merge_size: int) -> int:
     return max(unit, round(math.sqrt(max_pixels) / unit) * unit)
 
 
-def preset_config(name: str, max_pixels: int = 224 * 224, merge_size: int = 2) -> PreTrainedConfig:
-    """The vision config of a preset (random initialisation when built)."""
+# The family's own patch size (its released checkpoints').
+NATIVE_PATCH_SIZES = {"finevit": 14, "qwen2-vl": 14, "qwen2.5-vl": 14, "siglip2-naflex": 16, "siglip": 16, "clip": 14,
+                      "dinov2": 14}
+
+
+def preset_config(name: str, max_pixels: int = 224 * 224, merge_size: int = 2, patch_size: int | None = None) -> PreTrainedConfig:
+    """The vision config of a preset (random initialisation when built); `patch_size` replaces the family's own."""
     family, size = _split_preset(name)
     shape = FineViTConfig.from_preset(f"finevit-{size}")
     width, depth, heads = shape.hidden_size, shape.num_hidden_layers, shape.num_attention_heads
+    patch = patch_size or NATIVE_PATCH_SIZES[family]
     # Two-matrix MLPs get 4x width: about the parameters of FineViT's gated 3x MLP.
     if family == "finevit":
+        shape.patch_size = patch
         return shape
     if family == "qwen2-vl":
         return Qwen2VLVisionConfig(depth=depth, embed_dim=width, hidden_size=width, num_heads=heads, mlp_ratio=4,
-                                   patch_size=14, spatial_merge_size=merge_size, temporal_patch_size=2)
+                                   patch_size=patch, spatial_merge_size=merge_size, temporal_patch_size=2)
     if family == "qwen2.5-vl":
         return Qwen2_5_VLVisionConfig(depth=depth, hidden_size=width, out_hidden_size=width, num_heads=heads,
-                                      intermediate_size=shape.intermediate_size, patch_size=14,
+                                      intermediate_size=shape.intermediate_size, patch_size=patch,
                                       spatial_merge_size=merge_size, temporal_patch_size=2, window_size=112,
                                       fullatt_block_indexes=list(range(depth - 1, -1, -max(1, depth // 2)))[::-1])
     common = {"hidden_size": width, "num_hidden_layers": depth, "num_attention_heads": heads}
     if family == "siglip2-naflex":
         # The learned position table is square (resized to each image's grid): about the budget's patch grid.
-        side = max(4, round(math.sqrt(max_pixels) / 16))
-        return Siglip2VisionConfig(**common, intermediate_size=4 * width, patch_size=16, num_patches=side * side)
+        side = max(4, round(math.sqrt(max_pixels) / patch))
+        return Siglip2VisionConfig(**common, intermediate_size=4 * width, patch_size=patch, num_patches=side * side)
     if family == "siglip":
-        return SiglipVisionConfig(**common, intermediate_size=4 * width, patch_size=16,
-                                  image_size=fixed_side(max_pixels, 16, merge_size))
+        return SiglipVisionConfig(**common, intermediate_size=4 * width, patch_size=patch,
+                                  image_size=fixed_side(max_pixels, patch, merge_size))
     if family == "clip":
-        return CLIPVisionConfig(**common, intermediate_size=4 * width, patch_size=14,
-                                image_size=fixed_side(max_pixels, 14, merge_size))
-    return Dinov2Config(**common, mlp_ratio=4, patch_size=14, image_size=fixed_side(max_pixels, 14, merge_size))
+        return CLIPVisionConfig(**common, intermediate_size=4 * width, patch_size=patch,
+                                image_size=fixed_side(max_pixels, patch, merge_size))
+    return Dinov2Config(**common, mlp_ratio=4, patch_size=patch, image_size=fixed_side(max_pixels, patch, merge_size))
 
 
 def tower_image_processor(config: PreTrainedConfig, max_pixels: int, min_pixels: int, merge_size: int):

@@ -97,8 +97,9 @@ def build_tiny_model(
         tie_word_embeddings=tie_word_embeddings,
     )
     merge_size = vl_overrides.get("spatial_merge_size", 2)
-    vision_config = preset_config(vision_preset, max_pixels, merge_size)
-    for key, value in (vision_overrides or {}).items():
+    vision_overrides = dict(vision_overrides or {})
+    vision_config = preset_config(vision_preset, max_pixels, merge_size, vision_overrides.pop("patch_size", None))
+    for key, value in vision_overrides.items():
         setattr(vision_config, key, value)
     config = FineViTVLConfig(
         vision_config=vision_config,
