@@ -350,7 +350,10 @@ def write_report(out: Path, rows: list[dict], timings: dict[str, float], stages:
     for row in rows:
         lines.append(f"| {row['task']} | {row['metric']} | {row['model']:.3f} | {row['baseline']:.3f} | "
                      f"{row['model'] - row['baseline']:+.3f} | {row['baseline_name']} |")
-    lines += ["", ocrbench_note(ocrbench), ""]
+    lines += ["", ocrbench_note(ocrbench), "",
+              ("The same seed gives bitwise the same model on the same machine and thread count only; across seeds and "
+               "CPUs scores move (at the defaults, seeds 0-2 gave counting 0.99-1.00, chart 0.26-0.46, OCR 0.06-0.33, "
+               "grounding 0.22-0.38, documents 0.14-0.20: README, \"The demo\")."), ""]
     if grounding:
         landed = ", ".join(f"{name} {share:.2f}" for name, share in grounding.items() if name != BLIND_DETECTOR)
         lines += [(f"Grounding: the predicted box (IoU >= 0.5) lands on the {landed}; a detector that ignores the "
