@@ -104,10 +104,12 @@ def run(config) -> dict:
     from .freeze import format_report, trainable_report
     from .model import load_model, prepare_trainable
     from .run_dir import apply_plan
+    from .strategy import check_strategy
     from .trainer import Trainer
 
     accelerator = _accelerator(config)
     _setup_logging(accelerator)
+    logger.info("distributed strategy: %s", check_strategy(accelerator))
     config.check_world_size(accelerator.num_processes)
     train_source = build_source(config.data.train)  # built once: counted for train.epochs, then sharded
     if config.train.epochs is not None:
