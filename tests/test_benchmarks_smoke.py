@@ -114,3 +114,28 @@ def test_quick_benchmarks_write_results(tmp_path):
 
 def test_unknown_benchmark_is_rejected(tmp_path):
     assert main(["--quick", "--only", "nope", "--out-dir", str(tmp_path)]) == 2
+
+
+def test_the_gpu_check_script_runs_its_cpu_path(tmp_path):
+    """`benchmarks/gpu_check.sh --device cpu --tiny`: every check and measurement runs and writes its files."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    result = subprocess.run(["bash", str(script), "--device", "cpu", "--tiny", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["packed_vs_unpacked"]["max_abs_diff"] < 1e-5
+    assert report["flash_vs_sdpa"]["ran"] is False and "flash-attn" in report["flash_vs_sdpa"]["why"]
+    for encoder in ("finevit", "qwen2-vl"):
+        assert report["encoder"][encoder]["tflops_per_s"] > 0
+    assert report["train_step"]["tokens_per_s"] > 0 and report["generation"]["new_tokens_per_s"] > 0
+    assert "# GPU check on cpu" in (tmp_path / "gpu_check.md").read_text()
+    no_gpu = subprocess.run(["bash", str(script), "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                            timeout=120, check=False, env={**os.environ, "PYTHON": sys.executable})
+    assert no_gpu.returncode == 2 and "no CUDA device" in no_gpu.stdout
