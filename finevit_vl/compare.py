@@ -60,13 +60,13 @@ def encoder_profile(model_dir: Path, eval_dir: Path, max_images: int = 32, repea
     from .benchmarking.common import time_interleaved
     from .encoders import describe_encoder
     from .parameters import count_parameters
-    from .report import _parquet_rows
+    from .report import parquet_rows
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     images = []
     for path in sorted(eval_dir.rglob("*.parquet")):
-        images += [image for _, image in _parquet_rows(path)][: max(1, max_images // 3)]
+        images += [image for _, image in parquet_rows(path)][: max(1, max_images // 3)]
     images = images[:max_images]
     inputs = processor.process_images(images)
     tokens = processor.num_image_tokens(inputs["image_grid_thw"])
@@ -89,6 +89,8 @@ def plot_overlaid_losses(runs: dict[str, Path], out_png: Path) -> None:
     """One panel per stage, one line per encoder (training loss per step, held-out loss dashed with markers)."""
     import matplotlib
 
+    from .report import loss_points
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -97,13 +99,7 @@ def plot_overlaid_losses(runs: dict[str, Path], out_png: Path) -> None:
     for ax, stage in zip(axes[0], stages):
         for index, (encoder, out) in enumerate(runs.items()):
             color = f"C{index}"
-            train, held_out = [], []
-            for line in (out / stage / "metrics.jsonl").read_text().splitlines():
-                record = json.loads(line)
-                if "loss" in record:
-                    train.append((record["step"], record["loss"]))
-                if "eval_loss" in record:
-                    held_out.append((record["step"], record["eval_loss"]))
+            train, held_out = loss_points(out / stage / "metrics.jsonl")
             if train:
                 ax.plot(*zip(*train), color=color, alpha=0.8, label=f"{encoder} train")
             if held_out:

@@ -159,6 +159,19 @@ def stage_summary(run_dir: str | Path) -> dict[str, Any]:
             "images_per_s": mean("images_per_s"), "run_dir": str(run_dir)}
 
 
+def loss_points(metrics_path: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """`(train, held_out)`: (step, loss) pairs of a run's `metrics.jsonl` (training loss per logged step, held-out loss
+    per evaluation)."""
+    train, held_out = [], []
+    for line in Path(metrics_path).read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record and record.get("step") is not None:
+            train.append((record["step"], record["loss"]))
+        if "eval_loss" in record:
+            held_out.append((record["step"], record["eval_loss"]))
+    return train, held_out
+
+
 def plot_loss_curves(metric_files: dict[str, str | Path], out_png: str | Path) -> None:
     """One panel per training stage: training loss per step and held-out loss at each evaluation."""
     import matplotlib
@@ -168,13 +181,7 @@ def plot_loss_curves(metric_files: dict[str, str | Path], out_png: str | Path) -
 
     fig, axes = plt.subplots(1, len(metric_files), figsize=(6 * len(metric_files), 4), squeeze=False)
     for ax, (stage, path) in zip(axes[0], metric_files.items()):
-        train, held_out = [], []
-        for line in Path(path).read_text().splitlines():
-            record = json.loads(line)
-            if "loss" in record and record.get("step") is not None:
-                train.append((record["step"], record["loss"]))
-            if "eval_loss" in record:
-                held_out.append((record["step"], record["eval_loss"]))
+        train, held_out = loss_points(path)
         if train:
             ax.plot(*zip(*train), label="train loss", color="tab:blue", alpha=0.8)
         if held_out:
@@ -250,7 +257,7 @@ def _answers(model, processor, images: list, questions: list[str], batch_size: i
     return [answer.strip() for answer in answers]
 
 
-def _parquet_rows(path: Path) -> list[tuple[dict, Image.Image]]:
+def parquet_rows(path: Path) -> list[tuple[dict, Image.Image]]:
     """Rows of a benchmark parquet file with their decoded RGB images."""
     return [(row, _image(row)) for row in _rows(path)]
 
@@ -268,7 +275,7 @@ def predict_samples(model, processor, eval_dir: Path, per_task: int = 3) -> list
     asked = []
     for task, benchmark, make in specs:
         if (path := eval_dir / PARQUET_FILES[benchmark]).exists():
-            for row, image in _parquet_rows(path)[:per_task]:
+            for row, image in parquet_rows(path)[:per_task]:
                 text, answer = make(row)
                 asked.append((task, row, image, benchmark_prompt(benchmark, text), answer))
     predictions = _answers(model, processor, [item[2] for item in asked], [item[3] for item in asked])
@@ -303,7 +310,7 @@ def grounding_breakdown(model, processor, data_dir: Path) -> dict[str, float] | 
         record = json.loads(line)
         if record["task"] == "grounding":
             objects[record["id"].removesuffix("-grounding")] = record["grounding"]
-    rows = _parquet_rows(refcoco)
+    rows = parquet_rows(refcoco)
     predictions = _answers(model, processor, [image for _, image in rows],
                            [benchmark_prompt("refcoco", row["answer"][0]) for row, _ in rows])
     counts = Counter()

@@ -26,8 +26,11 @@ def test_report_puts_the_encoders_side_by_side_with_baselines(comparison):
         profile = results[encoder]["profile"]
         assert profile["gflops_per_image"] > 0 and profile["images_per_s"] > 0
         assert 0 <= results[encoder]["rows"][0]["model"] <= 1
-    # The fixed-size tower sees one square grid: every image gives the same number of tokens.
-    assert results["siglip"]["profile"]["tokens_per_image"] == int(results["siglip"]["profile"]["tokens_per_image"])
+    # The fixed-size tower sees one square grid whatever the image: (side / patch / 2)^2 tokens, each merged 2 x 2.
+    vision = json.loads((comparison / "siglip" / "init" / "config.json").read_text())["vision_config"]
+    side = -(-vision["image_size"] // vision["patch_size"] // 2)
+    assert results["siglip"]["profile"]["tokens_per_image"] == side * side
+    assert results["siglip"]["profile"]["patches_per_image"] == (vision["image_size"] // vision["patch_size"]) ** 2
 
 
 def test_runs_differ_in_the_encoder_alone(comparison):

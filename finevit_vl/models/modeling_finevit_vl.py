@@ -219,7 +219,8 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
             raise ValueError(
                 f"Image features and image tokens do not match: the text has {n_image_tokens} image tokens but the "
                 f"images produce {n_image_features} features. Build inputs with FineViTVLProcessor so each image "
-                f"placeholder expands to grid_h * grid_w / merge^2 tokens, and pass exactly one image per placeholder."
+                f"placeholder expands to the image's tokens (processor.num_image_tokens), and pass exactly one image per "
+                f"placeholder."
             )
         return special_image_mask.unsqueeze(-1).to(inputs_embeds.device)
 
