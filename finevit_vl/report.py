@@ -275,7 +275,7 @@ def predict_samples(model, processor, eval_dir: Path, per_task: int = 3) -> list
     asked = []
     for task, benchmark, make in specs:
         if (path := eval_dir / PARQUET_FILES[benchmark]).exists():
-            for row, image in parquet_rows(path)[:per_task]:
+            for row, image in ((row, _image(row)) for row in _rows(path)[:per_task]):  # decode only those shown
                 text, answer = make(row)
                 asked.append((task, row, image, benchmark_prompt(benchmark, text), answer))
     predictions = _answers(model, processor, [item[2] for item in asked], [item[3] for item in asked])
@@ -288,8 +288,9 @@ def predict_samples(model, processor, eval_dir: Path, per_task: int = 3) -> list
             sample["gt_box"] = [x, y, x + w, y + h]
             sample["pred_box"] = parse_box(prediction)
             gt = metrics.xywh_to_normalized(row["bbox"], image.width, image.height)
-            sample["answer"] = f"IoU {metrics.rec_scores(prediction, gt)['iou']:.2f} (green: true box)"
-            sample["correct"] = metrics.rec_scores(prediction, gt)["acc"] == 1.0
+            scores = metrics.rec_scores(prediction, gt)
+            sample["answer"] = f"IoU {scores['iou']:.2f} (green: true box)"
+            sample["correct"] = scores["acc"] == 1.0
         else:
             sample["answer"] = answer
             sample["correct"] = prediction.strip().lower() == str(answer).strip().lower()
@@ -413,19 +414,12 @@ def write_run_report(out: Path, model_dir: Path, data_dir: Path, scores: dict[st
     return report
 
 
-def grounding_iou(prediction_box: Sequence[float] | None, gt_box_pixels: Sequence[float], width: int, height: int) -> float:
-    if prediction_box is None:
-        return 0.0
-    return box_iou(normalized_to_pixels(prediction_box, width, height), gt_box_pixels)
-
-
 __all__ = [
     "BLIND_DETECTOR",
     "SYNTHETIC_TASKS",
     "baseline_scores",
     "draw_prediction_grid",
     "grounding_breakdown",
-    "grounding_iou",
     "headline_scores",
     "ocrbench_note",
     "plot_loss_curves",

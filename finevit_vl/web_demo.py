@@ -81,9 +81,10 @@ def build_demo(model, processor, box_format: str = "int1000", default_max_new_to
         if not question:
             raise gr.Error("Type a question first.")
         conversation = session.conversation
-        if image is not None and _image_key(image) != session.image_key:
+        key = None if image is None else _image_key(image)
+        if key is not None and key != session.image_key:
             conversation.attach(image.convert("RGB"))
-            session.image_key = _image_key(image)
+            session.image_key = key
         streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from .configs import from_mapping, to_mapping
+from .configs import from_mapping
 from .formats import to_schema
 from .schema import BadRecordError, Record
 
@@ -535,17 +535,14 @@ class MixtureSourceConfig:
 SourceConfig = JsonlSourceConfig | WebDatasetSourceConfig | HFDatasetSourceConfig | MixtureSourceConfig
 
 
-def describe_source(config: "SourceConfig | dict") -> str:
-    """A short, machine-independent description (for model cards): the type and the last two parts of each path."""
-    mapping = to_mapping(config)
-    if mapping.get("type") == "mixture":
-        parts = ", ".join(describe_source(source) for source in mapping["sources"])
-        return f"mixture of {parts} (weights {mapping.get('weights') or 'equal'})"
-    locations = mapping.get("path") or mapping.get("shards") or ""
+def describe_source(config: SourceConfig) -> str:
+    """A short description of a source for model cards: its type and paths (the card writer shortens local paths)."""
+    if isinstance(config, MixtureSourceConfig):
+        parts = ", ".join(describe_source(source) for source in config.sources)
+        return f"mixture of {parts} (weights {config.weights or 'equal'})"
+    locations = getattr(config, "path", None) or getattr(config, "shards", "")
     locations = locations if isinstance(locations, list) else [locations]
-    shown = ", ".join("/".join(Path(str(location)).parts[-2:]) if os.path.isabs(str(location)) else str(location)
-                      for location in locations)
-    return f"{mapping.get('type')} `{shown}`"
+    return f"{config.type} `{', '.join(map(str, locations))}`"
 
 
 def resolve_source_paths(config: SourceConfig, base_dir: PathLike | None = None) -> SourceConfig:
