@@ -78,10 +78,6 @@ class Conversation:
     def answer(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
 
-    def prompt(self, processor) -> str:
-        """The text the model reads for the next answer (the chat template with the generation prompt)."""
-        return processor.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
-
     @property
     def last_image(self):
         """The newest image of the conversation (pending ones included), or `None`."""
