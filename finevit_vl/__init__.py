@@ -24,7 +24,12 @@ except PackageNotFoundError:  # a source tree that is not installed
 _MODEL_NAMES = (
     "FINEVIT_PRESETS",
     "FineViTConfig",
+    "FineViTContrastiveConfig",
+    "FineViTContrastiveModel",
+    "FineViTContrastiveProcessor",
+    "FineViTForMaskedImageModeling",
     "FineViTImageProcessor",
+    "FineViTMaskedImageModelingConfig",
     "FineViTModel",
     "FineViTPreTrainedModel",
     "FineViTVLConfig",

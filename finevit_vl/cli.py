@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("finevit_vl.train.__main__:main", "train a stage from a YAML config (use `accelerate launch -m finevit_vl.train` for multi-process)"),
     "export": ("finevit_vl.train.export:main", "turn a training checkpoint (or a run folder's newest) into a Hugging Face model folder"),
     "eval": ("finevit_vl.eval.suite:main", "run an lmms-eval suite of FineViT tasks on a checkpoint and write JSON + markdown"),
+    "eval-zeroshot": ("finevit_vl.eval.zeroshot:main", "zero-shot classification / image-text retrieval of a contrastive model (CLIP_benchmark protocol)"),
     "quickstart": ("finevit_vl.quickstart:main", "the demo: data -> tiny model -> Stage III -> SFT -> lmms-eval -> report"),
     "compare": ("finevit_vl.compare:main", "the same recipe with several vision encoders, side by side (FineViT vs SigLIP2 vs Qwen2-VL ...)"),
     "bench": ("finevit_vl.bench:main", "run the benchmarks in benchmarks/ and write results + BENCHMARKS.md"),

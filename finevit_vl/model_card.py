@@ -3,8 +3,10 @@ usage, training summary and a results section between `<!-- results:start/end --
 
 `write_model_card` writes a checkpoint's card (the trainer's export and the demo call it); `fill_model_card` puts
 lmms-eval scores into a card (`finevit-vl eval --model-card`, the demo): the markdown table in the results section
-and, for a full run, the `model-index` metadata the Hub displays. A card travels with its checkpoint, so it names no
-local path: the usage code loads from `USAGE_PATH`, and absolute paths in the given texts are shortened.
+and, for a full run, the `model-index` metadata the Hub displays. `update_zeroshot_section` keeps one subsection per
+data set in the card's "Zero-shot evaluation" section (`finevit-vl eval-zeroshot --update-card`). A card travels with
+its checkpoint, so it names no local path: the usage code loads from `USAGE_PATH`, and absolute paths in the given
+texts are shortened.
 """
 
 import json
@@ -19,6 +21,7 @@ from .parameters import count_parameters
 
 
 CARD_START, CARD_END = "<!-- results:start -->", "<!-- results:end -->"
+ZEROSHOT_TITLE = "Zero-shot evaluation"
 USAGE_PATH = "path/to/checkpoint"  # where the reader put the folder (or its Hub id)
 TAGS = ["finevit-vl", "vision-language", "native-resolution"]
 TEMPLATE = """---
@@ -160,5 +163,45 @@ def fill_model_card(card_path: str | Path, scores: dict[str, dict[str, float]], 
     path.write_text(card.content if card.data.to_dict() else card.text)
 
 
-__all__ = ["CARD_END", "CARD_START", "USAGE_PATH", "fill_model_card", "render_model_card", "results_markdown",
-           "without_local_paths", "write_model_card"]
+def _headings(lines: list[str]) -> list[tuple[int, int, str]]:
+    """`(line index, level, title)` of each markdown heading, not counting the YAML metadata or code blocks."""
+    headings, fenced, index = [], False, 0
+    if lines and lines[0].strip() == "---":  # metadata: up to the closing `---`
+        index = next((i for i in range(1, len(lines)) if lines[i].strip() == "---"), len(lines)) + 1
+    for i in range(index, len(lines)):
+        line = lines[i]
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and (match := re.match(r"(#{1,6}) +(.*?)\s*$", line)):
+            headings.append((i, len(match.group(1)), match.group(2)))
+    return headings
+
+
+def update_zeroshot_section(model_dir: str | Path, name: str, markdown: str) -> Path:
+    """Put `markdown` under `### {name}` in the "## Zero-shot evaluation" section of `model_dir/README.md`: an earlier
+    subsection of that name is replaced, others are kept, and the section is appended when the card has none. The
+    rest of the card is left as it is; a missing card is created. Returns the card's path."""
+    path = Path(model_dir) / "README.md"
+    lines = path.read_text().splitlines() if path.exists() else []
+    headings = _headings(lines)
+    subsection = [f"### {name}", "", *without_local_paths(markdown).strip().splitlines(), ""]
+    start = next((i for i, level, title in headings if level == 2 and title == ZEROSHOT_TITLE), None)
+    if start is None:
+        lines += ([""] if lines and lines[-1].strip() else []) + [f"## {ZEROSHOT_TITLE}", "", *subsection]
+    else:
+        end = next((i for i, level, _ in headings if i > start and level <= 2), len(lines))
+        old = next((i for i, level, title in headings if start < i < end and level == 3 and title == name), None)
+        if old is not None:
+            old_end = next((i for i, level, _ in headings if i > old and level <= 3), end)
+            lines[old:old_end] = subsection
+        else:
+            last = end
+            while last > start + 1 and not lines[last - 1].strip():  # after the section's last text, one blank line
+                last -= 1
+            lines[last:end] = ["", *subsection]
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    return path
+
+
+__all__ = ["CARD_END", "CARD_START", "USAGE_PATH", "ZEROSHOT_TITLE", "fill_model_card", "render_model_card",
+           "results_markdown", "update_zeroshot_section", "without_local_paths", "write_model_card"]

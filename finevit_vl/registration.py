@@ -10,7 +10,12 @@ from transformers import (
 
 from .models import (
     FineViTConfig,
+    FineViTContrastiveConfig,
+    FineViTContrastiveModel,
+    FineViTContrastiveProcessor,
+    FineViTForMaskedImageModeling,
     FineViTImageProcessor,
+    FineViTMaskedImageModelingConfig,
     FineViTModel,
     FineViTVLConfig,
     FineViTVLForConditionalGeneration,
@@ -23,6 +28,13 @@ def register_auto_classes() -> None:
     """Register configs, models and processors with the Auto classes (idempotent)."""
     AutoConfig.register(FineViTConfig.model_type, FineViTConfig, exist_ok=True)
     AutoConfig.register(FineViTVLConfig.model_type, FineViTVLConfig, exist_ok=True)
+    # The encoder's pretraining stages: Stage I (masked image modeling) and Stage II (the dual encoder).
+    for config_class, model_class in ((FineViTMaskedImageModelingConfig, FineViTForMaskedImageModeling),
+                                      (FineViTContrastiveConfig, FineViTContrastiveModel)):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        config_class.register_for_auto_class("AutoConfig")
+        model_class.register_for_auto_class("AutoModel")
     AutoModel.register(FineViTConfig, FineViTModel, exist_ok=True)
     AutoModel.register(FineViTVLConfig, FineViTVLModel, exist_ok=True)
     AutoModelForImageTextToText.register(FineViTVLConfig, FineViTVLForConditionalGeneration, exist_ok=True)
@@ -33,9 +45,11 @@ def register_auto_classes() -> None:
     except ImportError:
         pass
     backends = {"pil": FineViTImageProcessor, "torchvision": FineViTImageProcessor}
-    for config_class in (FineViTConfig, FineViTVLConfig):
+    for config_class in (FineViTConfig, FineViTVLConfig, FineViTMaskedImageModelingConfig, FineViTContrastiveConfig):
         AutoImageProcessor.register(config_class, image_processor_classes=backends, exist_ok=True)
     AutoProcessor.register(FineViTVLConfig, FineViTVLProcessor, exist_ok=True)
+    AutoProcessor.register(FineViTContrastiveConfig, FineViTContrastiveProcessor, exist_ok=True)
+    FineViTContrastiveProcessor.register_for_auto_class("AutoProcessor")
 
     # Saved checkpoints get an `auto_map` and a copy of the model files, so that a Python process WITHOUT this
     # package loads them with `trust_remote_code=True`.

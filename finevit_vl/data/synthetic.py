@@ -8,6 +8,7 @@ eval split. Output (``OUT`` = ``--out``)::
     OUT/sft/{train,eval}.jsonl        SFT records: one single-turn conversation per image
     OUT/eval/<folder>/<split>.parquet   benchmark schemas, from the eval images (`benchmark_data.PARQUET_FILES`)
     OUT/make_data.json                the arguments and the counts, to reproduce the run
+    OUT/pretrain/...                  with --pretrain only: the encoder pretraining set (`pretrain_data`)
 
 Image paths in the JSONL files are relative to the JSONL's folder (``../images/...``), the `JsonlSource` default.
 Train and eval images come from disjoint seed streams (``"{seed}:{split}:{family}:{index}"``); the same seed gives
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..benchmark_data import PARQUET_FILES, parquet_features
+from .pretrain_data import make_pretrain_data
 from .scenes import FAMILIES, MAKERS, Settings
 from .schema import Record
 
@@ -148,6 +150,9 @@ def _write_split(out: Path, seed: int, split: str, generated: list[Generated]) -
     return counts
 
 
+PRETRAIN_ARGUMENTS = frozenset({"pretrain", "pretrain_train", "pretrain_eval", "group_size", "pretrain_image_size"})
+
+
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="finevit-vl make-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
@@ -162,6 +167,22 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         "--tasks", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="task families to generate"
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes drawing images")
+    pretrain = parser.add_argument_group(
+        "encoder pretraining data",
+        "--pretrain writes, IN ADDITION to the Stage III / SFT set, the Stage I / II and zero-shot set of "
+        "finevit_vl.data.pretrain_data into OUT/pretrain (add --train-per-task 0 --eval-per-task 0 to write it alone)",
+    )
+    pretrain.add_argument("--pretrain", action="store_true", help="also write OUT/pretrain (see above)")
+    pretrain.add_argument("--pretrain-train", type=int, default=2000, help="Stage I / II training images")
+    pretrain.add_argument(
+        "--pretrain-eval", type=int, default=200, help="images per held-out split (Stage II eval, each zero-shot task)"
+    )
+    pretrain.add_argument(
+        "--group-size", type=int, default=8, help="images that share the start of their long caption (default: 8)"
+    )
+    pretrain.add_argument(
+        "--pretrain-image-size", type=int, default=112, help="typical image side of the pretraining set (default: 112)"
+    )
     args = parser.parse_args(argv)
     if args.train_per_task < 0 or args.eval_per_task < 0:
         parser.error("--train-per-task and --eval-per-task must be >= 0")
@@ -169,6 +190,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--image-size {args.image_size}: choose 112-2048 pixels")
     if not 1 <= args.max_count <= 9:
         parser.error(f"--max-count {args.max_count}: choose 1-9 (the smallest canvas has 3x3 cells)")
+    if args.pretrain_train < 0 or args.pretrain_eval < 0 or args.group_size < 1:
+        parser.error("--pretrain-train and --pretrain-eval must be >= 0 and --group-size >= 1")
+    if not 112 <= args.pretrain_image_size <= 2048:
+        parser.error(f"--pretrain-image-size {args.pretrain_image_size}: choose 112-2048 pixels")
     return args
 
 
@@ -177,7 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(image_size=args.image_size, max_count=args.max_count)
     families = tuple(family for family in FAMILIES if family in args.tasks)
     counts = make_data(args.out, args.seed, args.train_per_task, args.eval_per_task, settings, families, args.workers)
-    manifest = {"arguments": {k: v for k, v in vars(args).items() if k not in ("out", "workers")}, "counts": counts}
+    if args.pretrain:
+        pretrain = make_pretrain_data(
+            Path(args.out, "pretrain"),
+            seed=args.seed,
+            num_train=args.pretrain_train,
+            num_eval=args.pretrain_eval,
+            image_size=args.pretrain_image_size,
+            workers=args.workers,
+            group_size=args.group_size,
+        )
+        counts.update({f"pretrain/{name}": count for name, count in pretrain["counts"].items()})
+    # Without --pretrain, make_data.json is what it was before the flag existed.
+    skipped = {"out", "workers"} | (set() if args.pretrain else PRETRAIN_ARGUMENTS)
+    manifest = {"arguments": {k: v for k, v in vars(args).items() if k not in skipped}, "counts": counts}
     Path(args.out, "make_data.json").write_text(json.dumps(manifest, indent=2) + "\n")
     width = max(map(len, counts))
     print(f"wrote {args.out}:")

@@ -347,6 +347,7 @@ class FineViTModel(FineViTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_pooled: bool = True,
         return_dict: bool | None = None,
+        visible_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | FineViTModelOutput:
         r"""
@@ -358,6 +359,9 @@ class FineViTModel(FineViTPreTrainedModel):
             output_hidden_states (`bool`, *optional*): also return every layer's patch features.
             return_pooled (`bool`, *optional*, defaults to `True`): run the attention-pooling head (skip it when only
                 patch features are needed, as in the VL model).
+            visible_mask (`torch.BoolTensor` of shape `(total_patches,)`, *optional*): masked image modeling: only the
+                patches marked `True` enter the encoder, each keeping its own 2D-RoPE position; every image must keep
+                at least one. The outputs then hold the visible patches only, in their packed order.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -371,10 +375,17 @@ class FineViTModel(FineViTPreTrainedModel):
 
         # Host-side bookkeeping, computed once per forward and shared by all blocks.
         cu_seqlens = get_vision_cu_seqlens(grid_thw)
+        position_ids = get_vision_position_ids(grid_thw.cpu(), self.config.spatial_merge_size).to(pixel_values.device)
+        if visible_mask is not None:
+            if visible_mask.shape != (total,):
+                raise ValueError(f"visible_mask must have shape ({total},), got {tuple(visible_mask.shape)}")
+            kept = F.pad(visible_mask.to(torch.int32).cumsum(0, dtype=torch.int32), (1, 0))[cu_seqlens.long()]
+            if bool((kept[1:] == kept[:-1]).any()):
+                raise ValueError("visible_mask hides every patch of an image; keep at least one per image")
+            cu_seqlens, position_ids, pixel_values = kept, position_ids[visible_mask], pixel_values[visible_mask]
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         segment_runs = equal_length_runs(lengths)
         max_seqlen = max(lengths)
-        position_ids = get_vision_position_ids(grid_thw.cpu(), self.config.spatial_merge_size).to(pixel_values.device)
         position_embeddings = self.rotary_pos_emb(position_ids)
 
         hidden_states = self.patch_embed(pixel_values)

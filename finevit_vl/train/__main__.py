@@ -125,11 +125,14 @@ def run(config) -> dict:
     set_seed(config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
+    if config.objective != "next_token":
+        return _run_encoder_stage(config, accelerator, train_source, plan)
     # 1. Parts: model + processor (pixel budget of this stage set on the image processor).
     model, processor, base_path = load_model(config, accelerator)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if context and config.data.max_length > context:
         raise ValueError(f"data.max_length={config.data.max_length} exceeds the LLM's context ({context} positions)")
+    _hand_off(config, accelerator, model, plan)
     # 2. Freeze policy / LoRA, logged.
     model = prepare_trainable(model, config)
     logger.info("trainable modules (%s):\n%s", "LoRA" if config.lora.enabled else "freeze policy",
@@ -158,6 +161,67 @@ def run(config) -> dict:
     # 4. Train, evaluate, export.
     trainer = Trainer(config, accelerator, model, processor, base_path, stream, held_out, plan.run_id)
     if config.logging.log_with:
+        accelerator.init_trackers(config.logging.project_name, config=_flat(config_to_dict(config)))
+    written = trainer.fit(plan.checkpoint)
+    accelerator.end_training()
+    return written
+
+
+def _hand_off(config, accelerator, model, plan) -> None:
+    """`model.init_from`: carry the previous stage's tensors into a new run (a resumed one has them already)."""
+    if not config.model.init_from or plan.checkpoint is not None:
+        return
+    from .handoff import carry_weights, write_report
+
+    report = carry_weights(model, config.model.init_from)
+    logger.info("%s", report.summary())
+    if accelerator.is_main_process:
+        write_report(report, config.run_dir)
+
+
+def _run_encoder_stage(config, accelerator, train_source, plan) -> dict:
+    """Stage I (`objective: masked_image`) or Stage II (`contrastive`): the encoder's own pretraining."""
+    from ..data.image_samples import CaptionEncoder, ImageBatcher, MaskedImageEncoder
+    from .data import BadRecordLimit, BadRecordLog, TrainStream
+    from .encoder_models import build_contrastive_model, build_mim_model, load_teacher, teacher_path
+    from .encoder_trainers import ContrastiveTrainer, MaskedImageTrainer
+    from .freeze import format_report, trainable_report
+    from .model import prepare_trainable
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    build = build_mim_model if config.objective == "masked_image" else build_contrastive_model
+    model, processor, base_path = build(config, accelerator)
+    _hand_off(config, accelerator, model, plan)
+    model = prepare_trainable(model, config)
+    logger.info("trainable modules (freeze policy):\n%s", format_report(trainable_report(model)))
+    bad_records = BadRecordLog(Path(config.run_dir) / "bad_records.jsonl", rank)
+    extra = {}
+    if config.objective == "masked_image":
+        teacher = view = None
+        if config.mim.target == "features":
+            teacher, view = load_teacher(teacher_path(config, accelerator), accelerator.device)
+            extra = {"teacher": teacher, "teacher_layer": config.mim.teacher_layer}
+        encoder = MaskedImageEncoder(processor, config.mim.mask_ratio, config.seed, view)
+        pad_token_id, trainer_class = 0, MaskedImageTrainer
+    else:
+        encoder = CaptionEncoder(processor.image_processor, processor.tokenizer, config.contrastive.text_max_length,
+                                 config.seed)
+        pad_token_id, trainer_class = processor.tokenizer.pad_token_id or 0, ContrastiveTrainer
+        extra = {"loss": config.contrastive.loss}
+    per_rank = config.train.global_batch_size // world
+    stream = TrainStream(
+        train_source.shard(rank, world), encoder, per_rank, config.train.micro_batch_size, False, pad_token_id,
+        bad_records, BadRecordLimit.from_config(config.data, bad_records.path), config.data.num_workers,
+        batcher=ImageBatcher(config.train.micro_batch_size, pad_token_id),
+    )
+    image_processor = getattr(processor, "image_processor", processor)
+    logger.info("%s: %d process(es); %d images per step = %d per rank in micro-batches of %d; max_pixels %s",
+                config.objective, world, config.train.global_batch_size, per_rank, config.train.micro_batch_size,
+                image_processor.max_pixels)
+    trainer = trainer_class(config, accelerator, model, processor, base_path, stream, None, plan.run_id, **extra)
+    if config.logging.log_with:
+        from .config import config_to_dict
+
         accelerator.init_trackers(config.logging.project_name, config=_flat(config_to_dict(config)))
     written = trainer.fit(plan.checkpoint)
     accelerator.end_training()

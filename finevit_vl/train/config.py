@@ -21,14 +21,24 @@ from ..data.configs import from_mapping, to_mapping
 from ..data.sources import SourceConfig, resolve_source_paths
 
 
-MODULES: tuple[str, ...] = ("vision_tower", "multi_modal_projector", "language_model")
+# Every trainable module of every stage, upstream first. The encoder is `vision_tower` in all of them (the stage
+# models call it `vision_model`, the transformers name in dual encoders); `text_tower` is Stage II's text encoder and
+# `heads` what only pretraining uses (Stage I's decoder, Stage II's projections, temperature and bias).
+MODULES: tuple[str, ...] = ("vision_tower", "multi_modal_projector", "language_model", "text_tower", "heads")
+# The modules each objective's model has.
+OBJECTIVE_MODULES: dict[str, tuple[str, ...]] = {
+    "next_token": ("vision_tower", "multi_modal_projector", "language_model"),
+    "masked_image": ("vision_tower", "heads"),
+    "contrastive": ("vision_tower", "text_tower", "heads"),
+}
+OBJECTIVES: tuple[str, ...] = tuple(OBJECTIVE_MODULES)
 
 
 @dataclass
 class ModelConfig:
     """Where the model comes from: `init: tiny` (built locally, tokenizer trained on the training text) or `path`."""
 
-    init: str | None = None  # "tiny"
+    init: str | None = None  # "tiny" / "preset": built from the presets below, random weights
     path: str | None = None  # a FineViT-VL checkpoint (e.g. from `finevit-vl build`), loaded with from_pretrained
     text_model_type: str = "qwen3"  # tiny only
     vision_preset: str = "finevit-test"  # init: tiny only; any encoder preset (finevit_vl.encoders), e.g. siglip2-naflex-test
@@ -39,6 +49,10 @@ class ModelConfig:
     attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2 | None (model default)
     quantization: str | None = None  # 4bit | 8bit (QLoRA; needs lora.enabled and path)
     gradient_checkpointing: bool = False
+    # The previous stage's output folder (Stage I / II / III / SFT, or a FineViT encoder folder): after the model is
+    # built (init or path), every tensor it shares with this one is carried over, shape-adapted where needed, and the
+    # carried / resized / dropped / newly initialised tensors are logged and written to run_dir/handoff.json.
+    init_from: str | None = None
 
 
 @dataclass
@@ -54,6 +68,8 @@ class ModulesConfig:
     vision_tower: ModuleConfig = field(default_factory=lambda: ModuleConfig(train=False))
     multi_modal_projector: ModuleConfig = field(default_factory=ModuleConfig)
     language_model: ModuleConfig = field(default_factory=ModuleConfig)
+    text_tower: ModuleConfig = field(default_factory=ModuleConfig)  # Stage II
+    heads: ModuleConfig = field(default_factory=ModuleConfig)  # Stages I and II
 
 
 @dataclass
@@ -87,6 +103,45 @@ class DataConfig:
 
 
 @dataclass
+class MaskedImageConfig:
+    """Stage I (`objective: masked_image`): what the decoder predicts at the hidden patches."""
+
+    target: str = "features"  # features: a frozen teacher's patch features (the paper) | pixels: MAE
+    teacher: str | None = None  # features: a local folder of any transformers vision model (AutoModel), e.g. DINOv2
+    teacher_preset: str = "dinov2-test"  # no teacher folder (tests, demo): a random tiny teacher of this preset
+    teacher_layer: int = -1  # -1: last_hidden_state; i: hidden_states[i]
+    mask_ratio: float = 0.75
+    feature_loss: str = "l2"  # l2 | cosine (EVA-02)
+    normalize_target: bool = True  # layer-normed teacher tokens (l2) / per-patch normalised pixels (MAE)
+    decoder_hidden_size: int = 256
+    decoder_num_layers: int = 2
+    decoder_num_attention_heads: int = 4
+
+
+@dataclass
+class ContrastiveConfig:
+    """Stage II (`objective: contrastive`): FineViT + pooling head against a text tower."""
+
+    loss: str = "sigmoid"  # sigmoid (SigLIP, the paper) | softmax (CLIP)
+    text_model: str | None = None  # a local folder of any transformers text encoder + tokenizer (SigLIP2's text model, a BERT)
+    text_model_type: str = "siglip_text_model"  # init: tiny only: the tiny text tower's class
+    text_overrides: dict[str, Any] = field(default_factory=dict)  # init: tiny only
+    projection_dim: int = 512
+    text_max_length: int = 64  # caption tokens; longer captions are cut (counted and logged); train.phases can raise it
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of a stage's schedule, in force from `start_step` (unset fields keep the previous phase's value)."""
+
+    start_step: int = 0
+    min_pixels: int | None = None
+    max_pixels: int | None = None  # the pixel budget (e.g. Stage II: 336*336 -> 448*448 native)
+    text_max_length: int | None = None  # Stage II: caption tokens (64 -> 256)
+    train_text_tower: bool | None = None  # Stage II: false = the text tower's learning rate is 0 (frozen, then unfrozen)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -113,6 +168,7 @@ class TrainConfig:
     resume: str | bool = "auto"  # auto: this run's newest intact checkpoint | false: a new run | a checkpoint dir
     overwrite: bool = False  # start a new run in a run_dir that holds another run, deleting that run's files
     stop_after_steps: int | None = None  # stop (checkpoint, no export) after this many steps in this invocation
+    phases: list[PhaseConfig] = field(default_factory=list)  # a schedule of pixel budget / text length / freezing
 
 
 @dataclass
@@ -143,9 +199,13 @@ class ExportConfig:
 class Config:
     run_dir: str = "runs/finevit-vl"
     seed: int = 0
+    # next_token: Stage III / SFT (a FineViT-VL) | masked_image: Stage I | contrastive: Stage II (the encoder alone)
+    objective: str = "next_token"
     model: ModelConfig = field(default_factory=ModelConfig)
     modules: ModulesConfig = field(default_factory=ModulesConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    mim: MaskedImageConfig = field(default_factory=MaskedImageConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -157,8 +217,9 @@ class Config:
         """Raise `ValueError` for inconsistent settings, before anything expensive runs."""
         if (self.model.init is None) == (self.model.path is None):
             raise ValueError("set exactly one of model.init (tiny) and model.path (a FineViT-VL checkpoint)")
-        if self.model.init not in (None, "tiny"):
-            raise ValueError(f"model.init must be 'tiny', got {self.model.init!r}")
+        if self.model.init not in (None, "tiny", "preset"):
+            raise ValueError(f"model.init must be 'tiny' (or 'preset', the same: built from model.vision_preset with "
+                             f"random weights), got {self.model.init!r}")
         if self.model.quantization not in (None, "4bit", "8bit"):
             raise ValueError(f"model.quantization must be 4bit, 8bit or null, got {self.model.quantization!r}")
         if self.model.quantization and not (self.lora.enabled and self.model.path):
@@ -175,8 +236,33 @@ class Config:
             raise ValueError(f"train.epochs must be > 0 or null, got {self.train.epochs}")
         if min(self.train.max_steps, self.train.global_batch_size, self.train.micro_batch_size) < 1:
             raise ValueError("train.max_steps, train.global_batch_size and train.micro_batch_size must be >= 1")
-        if not any(getattr(self.modules, name).train for name in MODULES):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not any(getattr(self.modules, name).train for name in OBJECTIVE_MODULES[self.objective]):
             raise ValueError("every module is frozen (modules.*.train: false): nothing to train")
+        if self.objective != "next_token":
+            self._validate_encoder_stage()
+        starts = [phase.start_step for phase in self.train.phases]
+        if starts != sorted(set(starts)) or any(step < 0 for step in starts):
+            raise ValueError(f"train.phases must have distinct, increasing start_step values >= 0, got {starts}")
+
+    def _validate_encoder_stage(self) -> None:
+        if self.lora.enabled or self.model.quantization:
+            raise ValueError(f"objective {self.objective} trains the encoder itself: lora and quantization are not supported")
+        if self.eval.tasks:
+            raise ValueError(f"eval.tasks (lmms-eval) needs a FineViT-VL; objective {self.objective} trains the encoder "
+                             "alone (evaluate it with `finevit-vl eval-zeroshot` after Stage II)")
+        if self.data.pack:
+            raise ValueError(f"data.pack is for token rows; objective {self.objective} packs images by construction")
+        if self.objective == "masked_image":
+            if self.mim.target not in ("features", "pixels"):
+                raise ValueError(f"mim.target must be features or pixels, got {self.mim.target!r}")
+            if self.mim.feature_loss not in ("l2", "cosine"):
+                raise ValueError(f"mim.feature_loss must be l2 or cosine, got {self.mim.feature_loss!r}")
+            if not 0.0 < self.mim.mask_ratio < 1.0:
+                raise ValueError(f"mim.mask_ratio must be in (0, 1), got {self.mim.mask_ratio}")
+        if self.objective == "contrastive" and self.contrastive.loss not in ("sigmoid", "softmax"):
+            raise ValueError(f"contrastive.loss must be sigmoid or softmax, got {self.contrastive.loss!r}")
 
     def check_world_size(self, world_size: int) -> None:
         if self.train.global_batch_size % world_size:
@@ -228,6 +314,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     config = from_mapping(Config, data)
     config.run_dir = _absolute(config.run_dir)
     config.model.path = _absolute(config.model.path)  # a local checkpoint folder (from_pretrained)
+    config.model.init_from = _absolute(config.model.init_from)
+    config.mim.teacher = _absolute(config.mim.teacher)
+    config.contrastive.text_model = _absolute(config.contrastive.text_model)
     if config.data.train is not None:
         config.data.train = resolve_source_paths(config.data.train)
     if config.data.eval is not None:
@@ -247,4 +336,4 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
-__all__ = ["MODULES", "Config", "config_to_dict", "load_config", "parse_overrides", "save_config"]
+__all__ = ["MODULES", "OBJECTIVES", "OBJECTIVE_MODULES", "Config", "config_to_dict", "load_config", "parse_overrides", "save_config"]

@@ -241,12 +241,41 @@ class StepBatch:
     stop_reason: str | None = None
 
 
+@dataclass
+class TokenBatcher:
+    """A rank's share of one step -> micro-batches of `micro_batch_size` rows, one sample per row or packed up to
+    `max_length` tokens (the next-token stages); a step's targets are its supervised tokens."""
+
+    micro_batch_size: int
+    pack: bool
+    max_length: int | None
+    pad_token_id: int
+    dummy_image_inputs: dict | None
+
+    def micro_batches(self, samples: list[EncodedSample]) -> list[dict]:
+        if self.pack:
+            rows = [[samples[i] for i in row] for row in pack_rows([s.length for s in samples], self.max_length)]
+        else:
+            rows = [[sample] for sample in samples]
+        return [collate_rows(rows[i : i + self.micro_batch_size], self.pad_token_id, self.dummy_image_inputs)
+                for i in range(0, len(rows), self.micro_batch_size)]
+
+    @staticmethod
+    def num_targets(samples: list[EncodedSample], micro_batches: list[dict]) -> int:
+        return sum(num_targets(mb["labels"]) for mb in micro_batches)
+
+    @staticmethod
+    def num_slots(micro_batches: list[dict]) -> int:
+        return sum(mb["input_ids"].numel() for mb in micro_batches)
+
+
 class TrainStream:
     """Endless per-rank stream of `StepBatch`es over a sharded, resumable record source.
 
     Records are decoded, resized and tokenized by `num_workers` DataLoader workers (0: in this process, see
     `finevit_vl.train.loader`); this process counts bad records, checks `limit` (default: none) after every record,
-    and packs and collates the step's micro-batches.
+    and `batcher` (default: `TokenBatcher`; the encoder stages use `finevit_vl.data.image_samples.ImageBatcher`)
+    packs and collates the step's micro-batches.
     """
 
     def __init__(
@@ -260,6 +289,7 @@ class TrainStream:
         bad_records: BadRecordLog,
         limit: BadRecordLimit | None = None,
         num_workers: int = 0,
+        batcher=None,
     ) -> None:
         self.source = source
         self.encoder = encoder
@@ -270,6 +300,8 @@ class TrainStream:
         self.bad_records = bad_records
         self.limit = limit or BadRecordLimit(None, None)
         self.num_workers = num_workers
+        self.batcher = batcher or TokenBatcher(micro_batch_size, pack, encoder.max_length if pack else None,
+                                               pad_token_id, getattr(encoder, "dummy_image_inputs", None))
         self.loader = build_record_loader(source, encoder, num_workers)
         self.stop_reason: str | None = None
         self._results: Iterator[RecordResult] | None = None
@@ -316,24 +348,26 @@ class TrainStream:
         if self.stop_reason is not None:
             # Never raise here: the other ranks would wait forever in this step's collectives.
             return StepBatch([], 0, 0, 0, 0, 0, 0, state=self.state_dict(), stop_reason=self.stop_reason)
-        if self.pack:
-            rows = [[samples[i] for i in row] for row in pack_rows([s.length for s in samples], self.encoder.max_length)]
-        else:
-            rows = [[sample] for sample in samples]
-        micro_batches = [
-            collate_rows(rows[i : i + self.micro_batch_size], self.pad_token_id, self.encoder.dummy_image_inputs)
-            for i in range(0, len(rows), self.micro_batch_size)
-        ]
+        micro_batches = self.batcher.micro_batches(samples)
         return StepBatch(
             micro_batches=micro_batches,
             num_samples=len(samples),
-            num_targets=sum(num_targets(mb["labels"]) for mb in micro_batches),
+            num_targets=self.batcher.num_targets(samples, micro_batches),
             num_tokens=sum(s.length for s in samples),
-            num_slots=sum(mb["input_ids"].numel() for mb in micro_batches),
+            num_slots=self.batcher.num_slots(micro_batches),
             num_images=sum(s.num_images for s in samples),
             num_patches=sum(s.num_patches for s in samples),
             state=self.state_dict(),
         )
+
+    def reconfigure(self, change) -> None:
+        """Apply `change(encoder)` (a new phase: pixel budget, text length) to every record read from now on: the
+        loader and its workers are rebuilt at the current position, so nothing encoded before is handed out."""
+        state = self.loader.state_dict()
+        change(self.encoder)
+        self.loader = build_record_loader(self.source, self.encoder, self.num_workers)
+        self.loader.load_state_dict(state)
+        self._results = None
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable: the loader's position (every worker's source cursor, pass and over-long records),

@@ -24,6 +24,9 @@ from ..model_card import write_model_card
 logger = logging.getLogger(__name__)
 
 
+ENCODER_STAGE_TYPES = ("finevit_mim", "finevit_contrastive")
+
+
 def _replace(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
@@ -89,10 +92,20 @@ def export_model(accelerator, config, model, processor, base_path: str, out_dir:
             merge_adapter(base_path, str(adapter), str(final), dtype)
         if config.lora.enabled and "adapter" not in written:
             shutil.rmtree(adapter)
-        if "model" in written:  # PEFT writes its own card into adapter folders
+        if unwrapped.config.model_type in ENCODER_STAGE_TYPES:
+            # Stage I / II: the encoder alone too, for `finevit-vl build --vision` and the next stage's init_from.
+            encoder = final / "encoder"
+            unwrapped.vision_model.save_pretrained(encoder, state_dict={
+                key.removeprefix("vision_model."): value for key, value in state_dict.items()
+                if key.startswith("vision_model.")})
+            getattr(processor, "image_processor", processor).save_pretrained(encoder)
+        elif "model" in written:  # PEFT writes its own card into adapter folders
             card_model = unwrapped.base_model.model if config.lora.enabled else unwrapped
             write_model_card(card_model, final, f"FineViT-VL ({Path(config.run_dir).name})",
                              "A FineViT-VL checkpoint exported by the FineViT-VL trainer.", training_summary(config))
+    if unwrapped.config.model_type in ENCODER_STAGE_TYPES:
+        written["encoder"] = str(final / "encoder")
+    if accelerator.is_main_process:
         for kind, path in written.items():
             logger.info("exported %s to %s", kind, path)
     accelerator.wait_for_everyone()
@@ -119,7 +132,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
     state = verify_checkpoint(path)
     config = load_config(path / "run_config.yaml")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model, processor, base_path = load_model(config, accelerator)
+    if config.objective == "next_token":
+        model, processor, base_path = load_model(config, accelerator)
+    else:
+        from .encoder_models import build_contrastive_model, build_mim_model
+
+        build = build_mim_model if config.objective == "masked_image" else build_contrastive_model
+        model, processor, base_path = build(config, accelerator)
     model = prepare_trainable(model, config)
     load_weights(model, path, state.get("trainable_only", False))
     logger.info("exporting %s (step %d)", path, state["step"])

@@ -16,19 +16,33 @@ from ..parameters import is_peft_original
 from .config import MODULES, ModulesConfig
 
 
+# Attribute names of the pretraining models -> the config module they belong to.
+MODULE_ALIASES: dict[str, str] = {
+    "vision_model": "vision_tower", "lm_head": "language_model", "text_model": "text_tower", "decoder": "heads",
+    "visual_projection": "heads", "text_projection": "heads", "logit_scale": "heads", "logit_bias": "heads",
+}
+
+
 def module_of(parameter_name: str) -> str:
-    """`"model.language_model.layers.0.mlp.up_proj.weight"` -> `"language_model"`."""
+    """`"model.language_model.layers.0.mlp.up_proj.weight"` -> `"language_model"`; `"vision_model.blocks.0..."`
+    (a pretraining model) -> `"vision_tower"`."""
     parts = parameter_name.split(".")
     for module in MODULES:
         if module in parts:
             return module
-    if "lm_head" in parts:
-        return "language_model"
-    raise ValueError(f"parameter {parameter_name!r} belongs to none of {MODULES} (or lm_head)")
+    for part in parts:
+        if part in MODULE_ALIASES:
+            return MODULE_ALIASES[part]
+    raise ValueError(f"parameter {parameter_name!r} belongs to none of {MODULES} (or {sorted(MODULE_ALIASES)})")
 
 
 def unused_vision_modules(model: nn.Module) -> tuple[str, ...]:
-    """`vision_tower.<name>` of each encoder module the VL forward never runs, from the tower's spec."""
+    """Each module the model's training never runs: the VL model's, from the tower's spec; Stage I's pooling head
+    (trained in Stage II); Stage II's bias under the softmax loss."""
+    if model.config.model_type == "finevit_mim":
+        return ("vision_model.head",)
+    if model.config.model_type == "finevit_contrastive":
+        return ("logit_bias",) if model.config.loss_type == "softmax" else ()
     vision_config = model.config.vision_config
     return tuple(f"vision_tower.{name}" for name in vision_tower_spec(vision_config.model_type).unused_modules)
 
@@ -50,7 +64,8 @@ def apply_freeze(model: nn.Module, modules: ModulesConfig | None = None) -> None
 
 
 def trainable_report(model: nn.Module) -> dict[str, dict[str, int]]:
-    """`{module: {"trainable": n, "total": n}}` in parameters (4-bit weights count their packed storage)."""
+    """`{module: {"trainable": n, "total": n}}` in parameters (4-bit weights count their packed storage), for the
+    modules the model has."""
     report = {module: {"trainable": 0, "total": 0} for module in MODULES}
     for name, parameter in model.named_parameters():
         if is_peft_original(name):
@@ -58,7 +73,7 @@ def trainable_report(model: nn.Module) -> dict[str, dict[str, int]]:
         entry = report[module_of(name)]
         entry["total"] += parameter.numel()
         entry["trainable"] += parameter.numel() if parameter.requires_grad else 0
-    return report
+    return {module: counts for module, counts in report.items() if counts["total"]}
 
 
 def format_report(report: dict[str, dict[str, int]]) -> str:

@@ -46,12 +46,13 @@ class RecordResult:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         if self.sample is not None:
-            state["sample"] = {name: _to_numpy(value) for name, value in vars(self.sample).items()}
+            state["sample"] = (type(self.sample), {name: _to_numpy(value) for name, value in vars(self.sample).items()})
         return state
 
     def __setstate__(self, state: dict) -> None:
         if state["sample"] is not None:
-            state["sample"] = EncodedSample(**{name: _to_torch(value) for name, value in state["sample"].items()})
+            sample_class, fields = state["sample"]
+            state["sample"] = sample_class(**{name: _to_torch(value) for name, value in fields.items()})
         self.__dict__.update(state)
 
 

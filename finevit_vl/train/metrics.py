@@ -51,7 +51,9 @@ def module_param_counts(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def training_flops(counts: dict[str, dict[str, int]], patches: int, merged_image_tokens: int, llm_tokens: int) -> float:
-    tokens = {"vision_tower": patches, "multi_modal_projector": merged_image_tokens, "language_model": llm_tokens}
+    # The pretraining stages: the text tower sees the caption tokens, the heads (Stage I's decoder) every patch.
+    tokens = {"vision_tower": patches, "multi_modal_projector": merged_image_tokens, "language_model": llm_tokens,
+              "text_tower": llm_tokens, "heads": patches}
     flops, upstream_trains = 0.0, False
     for module in MODULES:  # upstream -> downstream
         n, t = counts[module]["params"], counts[module]["trainable"]

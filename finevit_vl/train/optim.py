@@ -54,12 +54,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, step: int 
     """The schedule of `config` positioned after `step` optimizer steps.
 
     On resume the base learning rates come from `config`, not from the optimizer state, so a deliberately changed
-    learning rate (or step budget) takes effect from the next step.
+    learning rate (or step budget) takes effect from the next step. `train.phases` can gate a module's rate to 0
+    (`finevit_vl.train.phases`).
     """
+    from .phases import PhaseSchedule
+
+    phases = PhaseSchedule(config.train.phases)
     for group in optimizer.param_groups:
         group["initial_lr"] = group_lr(group["name"].split("/")[0], config)
     warmup, total, min_ratio = warmup_steps(config), config.train.max_steps, config.optim.min_lr_ratio
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, min_ratio), last_epoch=step - 1)
+
+    def factor(module: str):
+        return lambda s: lr_factor(s, warmup, total, min_ratio) * phases.lr_gate(module, s)
+
+    lambdas = [factor(group["name"].split("/")[0]) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=step - 1)
 
 
 __all__ = ["build_optimizer", "build_scheduler", "group_lr", "lr_factor", "param_groups"]

@@ -29,6 +29,7 @@ from .export import export_model
 from .loss import token_losses
 from .metrics import MetricsWriter, Throughput, module_param_counts, peak_flops_per_device
 from .optim import build_optimizer, build_scheduler
+from .phases import PhaseSchedule
 from .preemption import StopRequest, TrainingInterrupted
 
 
@@ -47,7 +48,8 @@ class Trainer:
         self.stream = stream
         self.held_out = held_out
         counts = module_param_counts(model)
-        self.vision_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n.split("."))
+        self.vision_dtype = next(p.dtype for n, p in model.named_parameters()
+                                 if {"vision_tower", "vision_model"} & set(n.split(".")))
         self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model, config))
         # Stepped by hand once per optimizer step (an Accelerate-prepared scheduler steps once per process); not saved:
         # rebuilt from the config and the step on resume.
@@ -55,15 +57,20 @@ class Trainer:
         self.compute_dtype = MIXED_PRECISION_DTYPES.get(accelerator.mixed_precision, self.vision_dtype)
         self.checkpoints = CheckpointManager(accelerator, config.run_dir, config.train.keep_last, run_id)
         self.metrics = MetricsWriter(accelerator, config.run_dir)
-        self.filler = filler_batch(processor.tokenizer.pad_token_id, dummy_image_inputs(processor))
+        self.filler = self.make_filler(processor)
         peak = peak_flops_per_device(config.logging.peak_tflops, self.compute_dtype)
         self.throughput = Throughput(counts, peak, accelerator.num_processes)
-        self.merge_unit = processor.merge_size**2
+        self.merge_unit = (getattr(processor, "merge_size", None) or processor.image_processor.merge_size) ** 2
+        self.phases = PhaseSchedule(config.train.phases)
         self.step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
 
     # ------------------------------------------------------------------ forward
+
+    def make_filler(self, processor) -> dict:
+        """The micro-batch a rank runs when it has fewer than the others (contributes nothing to the loss)."""
+        return filler_batch(processor.tokenizer.pad_token_id, dummy_image_inputs(processor))
 
     def token_losses(self, batch: dict) -> torch.Tensor:
         """Forward one micro-batch; per-token next-token losses `(rows, len - 1)` in fp32."""
@@ -79,6 +86,28 @@ class Trainer:
             **{key: value.to(device) for key, value in inputs.items()},
         )
         return token_losses(outputs.logits, batch["labels"].to(device))
+
+    def micro_batches(self, batch: StepBatch, num_micro: int):
+        """`(index, micro-batch, is_last)` for `num_micro` forwards (fillers where this rank has fewer), inside the
+        gradient-sync context of each: gradients are reduced over ranks on the last one only."""
+        accelerator = self.accelerator
+        for index in range(num_micro):
+            micro = batch.micro_batches[index] if index < len(batch.micro_batches) else self.filler
+            last = index == num_micro - 1
+            accelerator.sync_gradients = last  # DeepSpeed: the accumulation boundary; others: optimizer.step gate
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
+                yield index, micro, last
+
+    def accumulate(self, batch: StepBatch, num_micro: int, targets: float) -> torch.Tensor:
+        """Forward + backward of one step's micro-batches; returns this rank's loss sum (float64). Each micro-batch
+        contributes `sum of token losses * world_size / global_targets` (see the module docstring)."""
+        accelerator = self.accelerator
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for _, micro, _ in self.micro_batches(batch, num_micro):
+            micro_sum = self.token_losses(micro).sum()
+            accelerator.backward(micro_sum * (accelerator.num_processes / targets))
+            loss_sum += micro_sum.detach().double()
+        return loss_sum
 
     def train_step(self, batch: StepBatch) -> dict:
         accelerator = self.accelerator
@@ -101,15 +130,7 @@ class Trainer:
             self.report_bad_records(state)
             raise ValueError(reason or reasons[0])
         num_micro = int(accelerator.reduce(torch.tensor(len(batch.micro_batches), device=accelerator.device), reduction="max"))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for index in range(num_micro):
-            micro = batch.micro_batches[index] if index < len(batch.micro_batches) else self.filler
-            last = index == num_micro - 1
-            accelerator.sync_gradients = last  # DeepSpeed: the accumulation boundary; others: optimizer.step gate
-            with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
-                micro_sum = self.token_losses(micro).sum()
-                accelerator.backward(micro_sum * (accelerator.num_processes / targets))
-            loss_sum += micro_sum.detach().double()
+        loss_sum = self.accumulate(batch, num_micro, targets)
         grad_norm = None
         if self.config.optim.max_grad_norm:
             grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
@@ -229,7 +250,8 @@ class Trainer:
         if config.train.stop_after_steps is not None:
             stop_at = min(stop_at, start_step + config.train.stop_after_steps)
         self.model.train()
-        prefetcher = Prefetcher(self.stream, config.data.prefetch_steps, stop_at - self.step)
+        phase_end = self.phases.apply(self, self.step)
+        prefetcher = Prefetcher(self.stream, config.data.prefetch_steps, min(stop_at, phase_end) - self.step)
         progress = tqdm(total=config.train.max_steps, initial=self.step, disable=not accelerator.is_main_process,
                         desc="train", dynamic_ncols=True)
         window_losses: list[float] = []
@@ -237,6 +259,11 @@ class Trainer:
             while self.step < stop_at:
                 if stop.agreed(accelerator):
                     raise interrupt()
+                if self.step == phase_end:
+                    # A new phase changes how records are encoded: nothing prepared under the old one is used.
+                    prefetcher.close()
+                    phase_end = self.phases.apply(self, self.step)
+                    prefetcher = Prefetcher(self.stream, config.data.prefetch_steps, min(stop_at, phase_end) - self.step)
                 started = time.perf_counter()
                 batch = prefetcher.next()
                 fetched = time.perf_counter()
