@@ -192,6 +192,13 @@ class ImageBatcher:
     def num_slots(micro_batches: list[dict]) -> int:
         return sum(int(mb["input_ids"].numel()) if "input_ids" in mb else 0 for mb in micro_batches)
 
+    @staticmethod
+    def step_counts(samples: list[ImageSample]) -> dict[str, int]:
+        """Logged by the trainer (summed over ranks, cumulative): Stage II's captions cut to the text length."""
+        if samples and samples[0].input_ids is not None:
+            return {"captions_truncated": sum(s.caption_truncated for s in samples)}
+        return {}
+
 
 __all__ = [
     "CaptionEncoder",

@@ -467,6 +467,9 @@ def make_pretrain_data(
 
         records = {split: [r for rs in run(_group_job, jobs) for r in rs] for split, jobs in group_jobs.items()}
         class_rows = run(_classification_job, class_jobs)
+    # Training records in a seeded random order (groups generate together): a stream reads its file in order, and a
+    # contrastive batch should hold images of many groups, as in a shuffled web-scale shard.
+    random.Random(f"{seed}:pretrain:order").shuffle(records["train"])
     _write_jsonl(stage2 / "train.jsonl", records["train"])
     _write_jsonl(stage2 / "eval.jsonl", records["eval"])
     # Stage I reads only the images: the Stage II train records, with paths relative to OUT/stage1.

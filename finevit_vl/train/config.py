@@ -127,14 +127,15 @@ class ContrastiveConfig:
     text_model_type: str = "siglip_text_model"  # init: tiny only: the tiny text tower's class
     text_overrides: dict[str, Any] = field(default_factory=dict)  # init: tiny only
     projection_dim: int = 512
+    text_pooling: str = "auto"  # auto (the tower's pooler_output, else mean) | mean | first | last (non-padding token)
     text_max_length: int = 64  # caption tokens; longer captions are cut (counted and logged); train.phases can raise it
 
 
 @dataclass
 class PhaseConfig:
-    """One phase of a stage's schedule, in force from `start_step` (unset fields keep the previous phase's value)."""
+    """One phase of a stage's schedule (unset fields keep the previous phase's value)."""
 
-    start_step: int = 0
+    start_step: int = 0  # in force once this many optimizer steps are done (0: from the first; logs count steps done)
     min_pixels: int | None = None
     max_pixels: int | None = None  # the pixel budget (e.g. Stage II: 336*336 -> 448*448 native)
     text_max_length: int | None = None  # Stage II: caption tokens (64 -> 256)

@@ -239,6 +239,7 @@ class StepBatch:
     num_patches: int
     state: dict = field(default_factory=dict)  # stream position and bad-record counts after this step
     stop_reason: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # the batcher's own counts (e.g. captions cut), logged
 
 
 @dataclass
@@ -358,6 +359,7 @@ class TrainStream:
             num_images=sum(s.num_images for s in samples),
             num_patches=sum(s.num_patches for s in samples),
             state=self.state_dict(),
+            counts=self.batcher.step_counts(samples) if hasattr(self.batcher, "step_counts") else {},
         )
 
     def reconfigure(self, change) -> None:

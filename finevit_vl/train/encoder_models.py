@@ -192,7 +192,7 @@ def build_contrastive_model(config: Config, accelerator):
                                          else _tiny_text_tower(config))
         model_config = FineViTContrastiveConfig(
             vision_config=vision_config, text_config=text_config, projection_dim=contrastive.projection_dim,
-            loss_type=contrastive.loss, text_pooling="auto" if contrastive.text_model else "last",
+            loss_type=contrastive.loss, text_pooling=contrastive.text_pooling,
         )
         torch.manual_seed(config.seed)
         model = FineViTContrastiveModel(model_config)

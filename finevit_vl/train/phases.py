@@ -58,6 +58,7 @@ class PhaseSchedule:
                     if not hasattr(encoder, "text_max_length"):
                         raise ValueError("train.phases sets text_max_length, which only objective contrastive has")
                     encoder.text_max_length = settings["text_max_length"]
+                    trainer.processor.text_max_length = settings["text_max_length"]  # exported with the model
 
             trainer.stream.reconfigure(change)
         return self.next_start(step)

@@ -62,6 +62,7 @@ class Trainer:
         self.throughput = Throughput(counts, peak, accelerator.num_processes)
         self.merge_unit = (getattr(processor, "merge_size", None) or processor.image_processor.merge_size) ** 2
         self.phases = PhaseSchedule(config.train.phases)
+        self.counters: dict[str, int] = {}  # cumulative batcher counts (Stage II: captions cut), kept across resumes
         self.step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
@@ -138,7 +139,11 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = float(accelerator.reduce(loss_sum, reduction="sum")) / targets
+        names = sorted(batch.counts)
+        counts = accelerator.reduce(torch.tensor([float(batch.counts[n]) for n in names] or [0.0], dtype=torch.float64,
+                                                 device=accelerator.device), reduction="sum").tolist()
         return {
+            "counts": {name: int(value) for name, value in zip(names, counts)},
             "loss": loss,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "targets": int(totals[0]),
@@ -165,6 +170,7 @@ class Trainer:
         self.step = trainer_state["step"]
         self.samples_seen = trainer_state["samples_seen"]
         self.tokens_seen = trainer_state["tokens_seen"]
+        self.counters = dict(trainer_state.get("counters", {}))
         self.metrics.truncate(trainer_state["metrics_lines"])
         self.stream.load_state_dict(data_state)
         self.scheduler = build_scheduler(self._inner_optimizer, self.config, self.step)
@@ -182,7 +188,8 @@ class Trainer:
     def save_checkpoint(self, data_state: dict) -> str:
         import yaml
 
-        state = {"samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen, "metrics_lines": self.metrics.lines}
+        state = {"samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen, "metrics_lines": self.metrics.lines,
+                 "counters": self.counters}
         config_text = yaml.safe_dump(config_to_dict(self.config), sort_keys=False)
         path = self.checkpoints.save(self.step, self.model, self.optimizer, self.processor, state, data_state,
                                      config_text, trainable_only=self.config.lora.enabled)
@@ -273,6 +280,8 @@ class Trainer:
                 done = time.perf_counter()
                 self.step += 1
                 data_state = batch.state
+                for name, value in values["counts"].items():
+                    self.counters[name] = self.counters.get(name, 0) + value
                 self.samples_seen += values["samples"]
                 self.tokens_seen += values["tokens"]
                 window_losses.append(values["loss"])
@@ -317,8 +326,12 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "bad_records": values["bad_records"],
+            **self.counters,
             **summary,
         }
+        if self.counters.get("captions_truncated"):
+            logger.info("step %d: %d captions so far were longer than the text length and were cut", self.step,
+                        self.counters["captions_truncated"])
         self.metrics.log(record, self.step)
         postfix = {"loss": f"{values['loss']:.4f}", "lr": f"{next(iter(lrs.values())):.2e}",
                    "tok/s": f"{summary['tokens_per_s']:.0f}", "img/s": f"{summary['images_per_s']:.1f}"}
