@@ -21,6 +21,7 @@ gets a tiny zero-weighted dummy image, so every rank of a sharded engine (ZeRO-3
 every step.
 """
 
+import math
 import os
 import random
 import re
@@ -54,12 +55,16 @@ class EncodedSample:
         image_inputs (`dict[str, torch.Tensor]`, *optional*): the processor's image outputs (`pixel_values`,
             `image_grid_thw`, and what else the tower takes), each with images (or their patches) on the first axis.
         location (`str`): where the record came from, for error messages.
+        regions (`dict[str, torch.Tensor]`, *optional*): GranViT self-distillation (`RegionCrops`): `boxes` `(R, 4)`
+            pixels of the first image, `image_size` `(2,)` its (width, height), and the crops' image inputs
+            (`crop_pixel_values`, `crop_image_grid_thw`).
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     image_inputs: dict[str, torch.Tensor] | None = None
     location: str = ""
+    regions: dict[str, torch.Tensor] | None = None  # region self-distillation: see `RegionCrops`
 
     @property
     def length(self) -> int:
@@ -124,6 +129,55 @@ def assistant_spans(template: str, messages: list[dict], special_tokens: dict) -
     return text, spans
 
 
+def record_boxes(record: Record) -> list[list[float]]:
+    """Every box a record names (regions, OCR items with a box, grounding items), in pixels of its first image."""
+    items = [*record.get("regions", []), *record.get("ocr", []), *record.get("grounding", [])]
+    return [list(map(float, item["box"])) for item in items if "box" in item]
+
+
+def crop_regions(image: Image.Image, boxes: list[list[float]]) -> list[Image.Image]:
+    """The box crops of an image (pixel boxes, clamped to the image, at least 1 px).
+
+    A fractional box is widened to the whole pixels it touches (floor of x1/y1, ceil of x2/y2), so the crop holds
+    everything the student's box covers.
+    """
+    width, height = image.size
+    crops = []
+    for box in boxes:
+        if len(box) != 4:
+            raise ValueError(f"a box is [x1, y1, x2, y2], got {box}")
+        x1, y1, x2, y2 = box
+        if x2 < x1 or y2 < y1:
+            raise ValueError(f"box {box} has x2 < x1 or y2 < y1")
+        left = min(max(math.floor(x1), 0), width - 1)
+        top = min(max(math.floor(y1), 0), height - 1)
+        right = max(min(math.ceil(x2), width), left + 1)
+        bottom = max(min(math.ceil(y2), height), top + 1)
+        crops.append(image.crop((left, top, right, bottom)))
+    return crops
+
+
+class RegionCrops:
+    """The teacher's view for GranViT's region self-distillation: up to `max_regions` box crops of a record's first
+    image, each resized by `crop_processor` (a copy of the tower's image processor with its own pixel budget)."""
+
+    def __init__(self, crop_processor, max_regions: int = 4) -> None:
+        self.crop_processor = crop_processor
+        self.max_regions = max_regions
+
+    def __call__(self, record: Record, image: Image.Image, rng: random.Random | None) -> dict[str, torch.Tensor] | None:
+        boxes = record_boxes(record)
+        if not boxes:
+            return None
+        if len(boxes) > self.max_regions:
+            boxes = rng.sample(boxes, self.max_regions) if rng is not None else boxes[: self.max_regions]
+        clamped = [(max(0.0, x1), max(0.0, y1), min(float(image.width), x2), min(float(image.height), y2))
+                   for x1, y1, x2, y2 in boxes]
+        inputs = self.crop_processor(crop_regions(image, clamped), return_tensors="pt")
+        return {"boxes": torch.tensor(clamped, dtype=torch.float32), "image_size": torch.tensor(image.size),
+                "crop_pixel_values": inputs["pixel_values"], "crop_image_grid_thw": inputs["image_grid_thw"]}
+
+
 class SampleEncoder:
     """Encode chat messages (or whole records) into `EncodedSample`s with the processor's tokenizer and chat template.
 
@@ -144,6 +198,8 @@ class SampleEncoder:
         max_regions: int | None = None,
         shuffle_turns: bool = True,
         seed: int = 0,
+        region_directions: str = "both",
+        region_crops: RegionCrops | None = None,
     ) -> None:
         if not processor.chat_template:
             raise ValueError("The processor has no chat template; build the model with `finevit-vl build` (it takes "
@@ -158,6 +214,8 @@ class SampleEncoder:
         self.max_regions = max_regions
         self.shuffle_turns = shuffle_turns
         self.seed = seed
+        self.region_directions = region_directions
+        self.region_crops = region_crops
 
     def encode_messages(self, messages: list[dict], images: list[Image.Image] | None = None) -> EncodedSample:
         """Tokenize one conversation; `images` pair in order with its `{"type": "image"}` items.
@@ -219,9 +277,12 @@ class SampleEncoder:
         rng = random.Random(f"{self.seed}:{epoch}:{key}") if self.shuffle_turns else None
         try:
             messages = record_to_messages(
-                record, record.get("width", 1), record.get("height", 1), self.box_format, rng, self.max_regions
+                record, record.get("width", 1), record.get("height", 1), self.box_format, rng, self.max_regions,
+                directions=self.region_directions,
             )
             sample = self.encode_messages(messages, images)
+            if self.region_crops is not None and images:
+                sample.regions = self.region_crops(record, images[0], rng)
         except ValueError as err:  # too long, image processor refusal (aspect ratio), template mismatch, ...
             kind = "too long" if isinstance(err, SampleTooLongError) else "cannot encode"
             raise BadRecordError(where, str(err), kind) from None
@@ -256,6 +317,7 @@ def collate_rows(
     segment_ids = torch.full(shape, -1, dtype=torch.long)
     sample_ids = torch.full(shape, -1, dtype=torch.long)
     image_inputs: list[dict[str, torch.Tensor]] = []
+    regions: list[tuple[int, dict[str, torch.Tensor]]] = []  # (index of the sample's first image in the batch, regions)
     sample_index = 0
     for row_index, row in enumerate(rows):
         start = 0
@@ -266,6 +328,8 @@ def collate_rows(
             position_ids[row_index, start:end] = torch.arange(sample.length)
             segment_ids[row_index, start:end] = segment
             sample_ids[row_index, start:end] = sample_index
+            if sample.regions is not None:
+                regions.append((sum(inputs["image_grid_thw"].shape[0] for inputs in image_inputs), sample.regions))
             if sample.num_images:
                 image_inputs.append(sample.image_inputs)
             start, sample_index = end, sample_index + 1
@@ -278,6 +342,17 @@ def collate_rows(
         "segment_ids": segment_ids,
         "sample_ids": sample_ids,
     }
+    if regions:
+        batch.update(
+            region_boxes=torch.cat([r["boxes"] for _, r in regions]),
+            region_box_image=torch.cat([torch.full((len(r["boxes"]),), first) for first, r in regions]),
+            # The original (width, height) of every image of the batch ((1, 1) where no box refers to it).
+            region_image_sizes=torch.ones(sum(inputs["image_grid_thw"].shape[0] for inputs in image_inputs), 2,
+                                          dtype=torch.long).index_put_((torch.tensor([first for first, _ in regions]),),
+                                                                       torch.stack([r["image_size"] for _, r in regions])),
+            region_crop_pixel_values=torch.cat([r["crop_pixel_values"] for _, r in regions]),
+            region_crop_image_grid_thw=torch.cat([r["crop_image_grid_thw"] for _, r in regions]),
+        )
     if image_inputs:
         batch.update({key: torch.cat([inputs[key] for inputs in image_inputs]) for key in image_inputs[0]})
     else:
@@ -297,10 +372,13 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_INPUT_NAMES",
     "EncodedSample",
+    "RegionCrops",
     "SampleEncoder",
     "SampleTooLongError",
     "assistant_spans",
     "collate_rows",
+    "crop_regions",
     "dummy_image_inputs",
     "filler_batch",
+    "record_boxes",
 ]

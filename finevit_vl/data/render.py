@@ -37,6 +37,9 @@ Message = dict[str, Any]
 QA = tuple[str, str]
 
 
+REGION_DIRECTIONS = ("both", "box_to_text", "text_to_box")
+
+
 def record_to_messages(
     record: Record,
     width: int,
@@ -45,12 +48,18 @@ def record_to_messages(
     rng: random.Random | None = None,
     max_regions: int | None = None,
     read_all_text: bool = True,
+    directions: str = "both",
 ) -> list[Message]:
     """Chat messages for ``record`` whose (first) image is ``width x height`` pixels.
 
     ``max_regions`` bounds how many regions / OCR items / grounding items are used (a random subset with ``rng``,
     else the first ones), to bound sequence length. ``read_all_text`` adds the ``READ_ALL_TEXT`` turn to OCR records.
+    ``directions`` (`REGION_DIRECTIONS`) selects the region turns: ``both`` (GranViT's two directions, the default),
+    ``box_to_text`` (Bbox2Caption / box -> OCR only; a grounding expression becomes the caption of its box) or
+    ``text_to_box`` (Caption2Bbox / OCR -> box / grounding only).
     """
+    if directions not in REGION_DIRECTIONS:
+        raise ValueError(f"directions must be one of {REGION_DIRECTIONS}, got {directions!r}")
     check_box_format(box_format)
     num_images = len(record_images(record))
     task = record["task"]
@@ -66,15 +75,18 @@ def record_to_messages(
         pairs = [(prompts.CAPTION, record["caption"])]
     elif task == "region":
         regions = _subset(record["regions"], max_regions, rng)
-        pairs = _both_directions(regions, "text", box_text, prompts.BOX_TO_CAPTION, prompts.CAPTION_TO_BOX)
+        pairs = _both_directions(regions, "text", box_text, prompts.BOX_TO_CAPTION, prompts.CAPTION_TO_BOX, directions)
     elif task == "ocr":
         items = _subset(record["ocr"], max_regions, rng)
-        pairs = _both_directions(items, "text", box_text, prompts.BOX_TO_OCR, prompts.OCR_TO_BOX)
+        pairs = _both_directions(items, "text", box_text, prompts.BOX_TO_OCR, prompts.OCR_TO_BOX, directions)
         if read_all_text:
             pairs.append((prompts.READ_ALL_TEXT, "\n".join(item["text"] for item in record["ocr"])))
     elif task == "grounding":
         items = _subset(record["grounding"], max_regions, rng)
-        pairs = [(prompts.CAPTION_TO_BOX.format(text=item["expression"]), box_text(item)) for item in items]
+        if directions == "box_to_text":
+            pairs = [(prompts.BOX_TO_CAPTION.format(box=box_text(item)), item["expression"]) for item in items]
+        else:
+            pairs = [(prompts.CAPTION_TO_BOX.format(text=item["expression"]), box_text(item)) for item in items]
     else:
         raise ValueError(f"record {record.get('id')!r}: unknown task {task!r}")
     if rng is not None:
@@ -88,14 +100,16 @@ def _subset(items: list[dict[str, Any]], limit: int | None, rng: random.Random |
     return rng.sample(items, limit) if rng is not None else list(items[:limit])
 
 
-def _both_directions(items: list[dict[str, Any]], text_key: str, box_text, to_text: str, to_box: str) -> list[QA]:
+def _both_directions(items: list[dict[str, Any]], text_key: str, box_text, to_text: str, to_box: str,
+                     directions: str = "both") -> list[QA]:
     """Box -> text for every item; text -> box only for texts that name a single item of the record."""
     counts = Counter(item[text_key] for item in items)
     pairs: list[QA] = []
     for item in items:
         box = box_text(item)
-        pairs.append((to_text.format(box=box), item[text_key]))
-        if counts[item[text_key]] == 1:
+        if directions != "text_to_box":
+            pairs.append((to_text.format(box=box), item[text_key]))
+        if counts[item[text_key]] == 1 and directions != "box_to_text":
             pairs.append((to_box.format(text=item[text_key]), box))
     return pairs
 
@@ -153,4 +167,4 @@ def _split_images(text: str) -> list[dict[str, str]]:
     return content
 
 
-__all__ = ["record_images", "record_to_messages"]
+__all__ = ["REGION_DIRECTIONS", "record_images", "record_to_messages"]

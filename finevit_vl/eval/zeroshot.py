@@ -378,6 +378,11 @@ class ZeroShotModel:
         self.model = model.eval()
         self.image_processor, self.tokenizer = processor.image_processor, processor.tokenizer
         self.text_max_length = text_max_length or self._default_text_max_length(processor)
+        config = self.model.config
+        positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        if positions and self.text_max_length > positions:
+            raise ValueError(f"--text-max-length {self.text_max_length} is longer than the text tower's context "
+                             f"({positions} positions)")
         self.padding, self.batch_size = padding, batch_size
         self.resize_mode = describe_resize(self.image_processor)
         self.truncated_texts = self.num_texts = 0

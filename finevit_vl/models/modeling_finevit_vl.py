@@ -29,9 +29,12 @@ class FineViTVLModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     image_hidden_states (`torch.Tensor` of shape `(num_image_tokens, text_hidden_size)`, *optional*):
         Projected image features that replaced the image placeholder tokens.
+    image_patch_features (`torch.Tensor` of shape `(total_patches, vision_feature_size)`, *optional*):
+        The encoder's patch features the projector took (merge-group-major), e.g. for region self-distillation.
     """
 
     image_hidden_states: torch.Tensor | None = None
+    image_patch_features: torch.Tensor | None = None
 
 
 @dataclass
@@ -39,9 +42,12 @@ class FineViTVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     image_hidden_states (`torch.Tensor` of shape `(num_image_tokens, text_hidden_size)`, *optional*):
         Projected image features that replaced the image placeholder tokens.
+    image_patch_features (`torch.Tensor` of shape `(total_patches, vision_feature_size)`, *optional*):
+        The encoder's patch features the projector took (merge-group-major), e.g. for region self-distillation.
     """
 
     image_hidden_states: torch.Tensor | None = None
+    image_patch_features: torch.Tensor | None = None
 
 
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (forward arguments, outputs, generate()). The
@@ -288,6 +294,7 @@ class FineViTVLModel(FineViTVLPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
+            image_patch_features=None if image_outputs is None else image_outputs.last_hidden_state,
         )
 
 
@@ -411,6 +418,7 @@ class FineViTVLForConditionalGeneration(FineViTVLPreTrainedModel, GenerationMixi
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            image_patch_features=outputs.image_patch_features,
         )
         return output.to_tuple() if return_dict is False else output
 

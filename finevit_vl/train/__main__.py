@@ -99,7 +99,7 @@ def run(config) -> dict:
     from ..data import build_source
     from ..data.collator import SampleEncoder
     from .config import config_to_dict, save_config
-    from .data import BadRecordLimit, BadRecordLog, TrainStream
+    from .data import BadRecordLimit, BadRecordLog, TokenBatcher, TrainStream
     from .evaluation import HeldOutLoss, load_eval_samples
     from .freeze import format_report, trainable_report
     from .model import load_model, prepare_trainable
@@ -140,16 +140,19 @@ def run(config) -> dict:
     # 3. Data: this rank's shard of the training records, the held-out records.
     bad_records = BadRecordLog(run_dir / "bad_records.jsonl", rank)
     encoder = SampleEncoder(processor, config.data.max_length, config.data.box_format, config.data.max_regions,
-                            config.data.shuffle_turns, config.seed)
+                            config.data.shuffle_turns, config.seed, config.data.region_directions,
+                            _region_crops(config, processor))
     stream = TrainStream(
         train_source.shard(rank, world), encoder, config.train.global_batch_size // world,
         config.train.micro_batch_size, config.data.pack, processor.tokenizer.pad_token_id, bad_records,
         BadRecordLimit.from_config(config.data, bad_records.path), config.data.num_workers,
+        batcher=TokenBatcher(config.train.micro_batch_size, config.data.pack, config.data.max_length,
+                             processor.tokenizer.pad_token_id, encoder.dummy_image_inputs, config.distill.enabled),
     )
     held_out = None
     if config.data.eval is not None:
         eval_encoder = SampleEncoder(processor, config.data.max_length, config.data.box_format, config.data.max_regions,
-                                     shuffle_turns=False)
+                                     shuffle_turns=False, region_directions=config.data.region_directions)
         samples = load_eval_samples(build_source(config.data.eval), eval_encoder, config.eval.max_samples, rank, world,
                                     BadRecordLog(bad_records.path, rank))
         held_out = HeldOutLoss(samples, config.train.micro_batch_size, processor.tokenizer.pad_token_id,
@@ -165,6 +168,19 @@ def run(config) -> dict:
     written = trainer.fit(plan.checkpoint)
     accelerator.end_training()
     return written
+
+
+def _region_crops(config, processor):
+    """GranViT self-distillation: the box crops' view, a copy of the image processor at `distill.crop_pixels`."""
+    if not config.distill.enabled:
+        return None
+    import copy
+
+    from ..data.collator import RegionCrops
+
+    crop_processor = copy.deepcopy(processor.image_processor)
+    crop_processor.min_pixels = crop_processor.max_pixels = config.distill.crop_pixels
+    return RegionCrops(crop_processor, config.distill.max_regions)
 
 
 def _hand_off(config, accelerator, model, plan) -> None:

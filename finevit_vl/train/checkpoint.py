@@ -280,6 +280,23 @@ def save_weights(model: torch.nn.Module, state_dict: dict, processor, folder: Pa
     processor.save_pretrained(folder)
 
 
+def save_extra_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """State that is not the model's (the EMA teacher of region self-distillation) as `name.safetensors`."""
+    from safetensors.torch import save_file
+
+    save_file({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, str(folder / f"{name}.safetensors"))
+
+
+def load_extra_tensors(path: str | os.PathLike, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    file = Path(path) / f"{name}.safetensors"
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: the checkpoint was saved without {name} (a run without "
+                              "distill.enabled?); resume with the settings it was saved with")
+    return load_file(str(file))
+
+
 def load_optimizer_state(path: Path, device) -> dict:
     file = path / "optimizer.pt"
     try:
@@ -362,7 +379,7 @@ class CheckpointManager:
         return float(self.accelerator.reduce(flag, reduction="sum")) == 0
 
     def save(self, step: int, model, optimizer, processor, trainer_state: dict, data_state: dict, config_text: str,
-             trainable_only: bool) -> Path:
+             trainable_only: bool, extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
         """Write checkpoint `step`; on failure (e.g. a full disk) the partial folder is removed on every rank and
         `CheckpointError` names the folder and the cause, while the previous checkpoint stays intact."""
         accelerator = self.accelerator
@@ -388,6 +405,8 @@ class CheckpointManager:
                         unwrapped = accelerator.unwrap_model(model)
                         save_weights(unwrapped, state_dict, processor, tmp, trainable_only)
                         torch.save(getattr(optimizer, "optimizer", optimizer).state_dict(), tmp / "optimizer.pt")
+                        for name, tensors in (extra_tensors or {}).items():  # e.g. the EMA teacher
+                            save_extra_tensors(tmp, name, tensors)
                 write_json(tmp / f"data_state_rank{accelerator.process_index}.json", data_state)
                 write_json(tmp / f"rng_rank{accelerator.process_index}.json", rng_state())
             except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
@@ -449,7 +468,26 @@ class CheckpointManager:
 
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "UnsafeCheckpointError", "checkpoint_step", "finalize", "list_checkpoints", "load_optimizer_state",
-    "load_weights", "new_run_id", "newest_intact", "prune", "read_run_id", "read_state", "remove_tree", "rng_state",
-    "save_weights", "seal", "set_rng_state", "verify_checkpoint", "write_json", "write_run_id",
+    "CheckpointError",
+    "CheckpointManager",
+    "UnsafeCheckpointError",
+    "checkpoint_step",
+    "finalize",
+    "list_checkpoints",
+    "load_extra_tensors",
+    "load_optimizer_state",
+    "load_weights",
+    "new_run_id",
+    "newest_intact",
+    "prune",
+    "read_run_id",
+    "read_state",
+    "remove_tree",
+    "rng_state",
+    "save_weights",
+    "seal",
+    "set_rng_state",
+    "verify_checkpoint",
+    "write_json",
+    "write_run_id",
 ]

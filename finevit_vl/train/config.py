@@ -94,6 +94,7 @@ class DataConfig:
     max_pixels: int | None = None
     pack: bool = False
     max_regions: int | None = 16
+    region_directions: str = "both"  # both | box_to_text | text_to_box: which region / OCR / grounding turns are rendered
     shuffle_turns: bool = True
     max_bad_records: int | None = 100  # stop once more records than this were skipped (all ranks); None: no count limit
     max_bad_fraction: float | None = 0.1  # stop once skipped / read exceeds this (all ranks); None: no fraction limit
@@ -140,6 +141,20 @@ class PhaseConfig:
     max_pixels: int | None = None  # the pixel budget (e.g. Stage II: 336*336 -> 448*448 native)
     text_max_length: int | None = None  # Stage II: caption tokens (64 -> 256)
     train_text_tower: bool | None = None  # Stage II: false = the text tower's learning rate is 0 (frozen, then unfrozen)
+
+
+@dataclass
+class RegionDistillConfig:
+    """GranViT's region self-distillation in the next-token stages (off by default): an EMA teacher encoder encodes
+    each box crop, the student's patch features (the layer the projector takes) are ROIAligned at the same box, and
+    the two pooled maps are matched with MSE, a loss term beside the next-token loss (`distill_loss` in the logs)."""
+
+    enabled: bool = False
+    momentum: float = 0.9  # teacher <- momentum * teacher + (1 - momentum) * student, after every optimizer step
+    weight: float = 1.0
+    crop_pixels: int = 112 * 112  # each crop is resized (aspect kept) to about this many pixels for the teacher
+    output_size: int = 2  # ROIAlign output side (pooled map output_size x output_size)
+    max_regions: int = 4  # boxes distilled per image (a seeded random subset beyond)
 
 
 @dataclass
@@ -207,6 +222,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     mim: MaskedImageConfig = field(default_factory=MaskedImageConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    distill: RegionDistillConfig = field(default_factory=RegionDistillConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -243,6 +259,16 @@ class Config:
             raise ValueError("every module is frozen (modules.*.train: false): nothing to train")
         if self.objective != "next_token":
             self._validate_encoder_stage()
+        if self.data.region_directions not in ("both", "box_to_text", "text_to_box"):
+            raise ValueError(f"data.region_directions must be both, box_to_text or text_to_box, got "
+                             f"{self.data.region_directions!r}")
+        if self.distill.enabled:
+            if self.objective != "next_token" or self.lora.enabled:
+                raise ValueError("distill.enabled (GranViT region self-distillation) needs objective next_token, no LoRA")
+            if not 0.0 <= self.distill.momentum < 1.0:
+                raise ValueError(f"distill.momentum must be in [0, 1), got {self.distill.momentum}")
+            if not self.modules.vision_tower.train:
+                raise ValueError("distill.enabled trains the encoder: set modules.vision_tower.train: true")
         starts = [phase.start_step for phase in self.train.phases]
         if starts != sorted(set(starts)) or any(step < 0 for step in starts):
             raise ValueError(f"train.phases must have distinct, increasing start_step values >= 0, got {starts}")

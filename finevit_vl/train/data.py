@@ -252,6 +252,12 @@ class TokenBatcher:
     max_length: int | None
     pad_token_id: int
     dummy_image_inputs: dict | None
+    count_regions: bool = False  # region self-distillation: the step's boxes normalise its loss
+
+    def step_counts(self, samples: list[EncodedSample]) -> dict[str, int]:
+        if not self.count_regions:
+            return {}
+        return {"distill_regions": sum(len(s.regions["boxes"]) for s in samples if s.regions is not None)}
 
     def micro_batches(self, samples: list[EncodedSample]) -> list[dict]:
         if self.pack:

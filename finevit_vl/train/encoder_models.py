@@ -153,10 +153,13 @@ def _tiny_text_tower(config: Config):
     tokenizer = build_tokenizer(tokenizer_corpus(islice(records, config.model.tokenizer_corpus_records)),
                                 config.model.vocab_size)
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    # The context covers the longest text length of the run's phases; `text_overrides` may set more (so that runs
+    # with different schedules share one architecture).
     text_config = AutoConfig.for_model(
-        config.contrastive.text_model_type, **{**shape, **config.contrastive.text_overrides},
-        vocab_size=len(tokenizer), max_position_embeddings=_text_lengths(config), pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        config.contrastive.text_model_type,
+        **{**shape, "max_position_embeddings": _text_lengths(config), **config.contrastive.text_overrides},
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return text_config, None, tokenizer
 

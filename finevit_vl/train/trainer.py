@@ -50,6 +50,13 @@ class Trainer:
         counts = module_param_counts(model)
         self.vision_dtype = next(p.dtype for n, p in model.named_parameters()
                                  if {"vision_tower", "vision_model"} & set(n.split(".")))
+        self.distill = None
+        self.step_counts: dict[str, int] = {}
+        if config.distill.enabled:
+            from .region_distillation import RegionDistillation
+
+            self.distill = RegionDistillation(model.model.vision_tower, config.distill, model.config.vision_feature_layer,
+                                              model.config.spatial_merge_size, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model, config))
         # Stepped by hand once per optimizer step (an Accelerate-prepared scheduler steps once per process); not saved:
         # rebuilt from the config and the step on resume.
@@ -75,6 +82,10 @@ class Trainer:
 
     def token_losses(self, batch: dict) -> torch.Tensor:
         """Forward one micro-batch; per-token next-token losses `(rows, len - 1)` in fp32."""
+        return token_losses(self.forward(batch).logits, batch["labels"].to(self.accelerator.device))
+
+    def forward(self, batch: dict):
+        """The model's outputs on one micro-batch."""
         device = self.accelerator.device
         inputs = attention_inputs(batch["segment_ids"], batch["position_ids"])
         weight = batch.get("image_token_weight")
@@ -86,7 +97,7 @@ class Trainer:
             use_cache=False,
             **{key: value.to(device) for key, value in inputs.items()},
         )
-        return token_losses(outputs.logits, batch["labels"].to(device))
+        return outputs
 
     def micro_batches(self, batch: StepBatch, num_micro: int):
         """`(index, micro-batch, is_last)` for `num_micro` forwards (fillers where this rank has fewer), inside the
@@ -103,10 +114,18 @@ class Trainer:
         """Forward + backward of one step's micro-batches; returns this rank's loss sum (float64). Each micro-batch
         contributes `sum of token losses * world_size / global_targets` (see the module docstring)."""
         accelerator = self.accelerator
+        world = accelerator.num_processes
         loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        regions = max(self.step_counts.get("distill_regions", 0), 1)  # over all ranks
         for _, micro, _ in self.micro_batches(batch, num_micro):
-            micro_sum = self.token_losses(micro).sum()
-            accelerator.backward(micro_sum * (accelerator.num_processes / targets))
+            outputs = self.forward(micro)
+            micro_sum = token_losses(outputs.logits, micro["labels"].to(accelerator.device)).sum()
+            objective = micro_sum * (world / targets)
+            if self.distill is not None:
+                distill_sum, _ = self.distill.loss_sum(outputs.image_patch_features, micro)
+                objective = objective + self.config.distill.weight * distill_sum * (world / regions)
+                self.distill_sum += distill_sum.detach().double()
+            accelerator.backward(objective)
             loss_sum += micro_sum.detach().double()
         return loss_sum
 
@@ -131,6 +150,11 @@ class Trainer:
             self.report_bad_records(state)
             raise ValueError(reason or reasons[0])
         num_micro = int(accelerator.reduce(torch.tensor(len(batch.micro_batches), device=accelerator.device), reduction="max"))
+        names = sorted(batch.counts)
+        counts = accelerator.reduce(torch.tensor([float(batch.counts[n]) for n in names] or [0.0], dtype=torch.float64,
+                                                 device=accelerator.device), reduction="sum").tolist()
+        self.step_counts = {name: int(value) for name, value in zip(names, counts)}
+        self.distill_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         loss_sum = self.accumulate(batch, num_micro, targets)
         grad_norm = None
         if self.config.optim.max_grad_norm:
@@ -138,12 +162,16 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.distill is not None:
+            self.distill.update(accelerator.unwrap_model(self.model).model.vision_tower)
         loss = float(accelerator.reduce(loss_sum, reduction="sum")) / targets
-        names = sorted(batch.counts)
-        counts = accelerator.reduce(torch.tensor([float(batch.counts[n]) for n in names] or [0.0], dtype=torch.float64,
-                                                 device=accelerator.device), reduction="sum").tolist()
+        extra = {}
+        if self.distill is not None:
+            regions = self.step_counts.get("distill_regions", 0)
+            extra["distill_loss"] = float(accelerator.reduce(self.distill_sum, reduction="sum")) / max(regions, 1)
         return {
-            "counts": {name: int(value) for name, value in zip(names, counts)},
+            **extra,
+            "counts": self.step_counts,
             "loss": loss,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "targets": int(totals[0]),
@@ -167,6 +195,10 @@ class Trainer:
             self.metrics.truncate(0)
             return
         trainer_state, data_state = self.checkpoints.load(checkpoint, self.model, self.optimizer)
+        if self.distill is not None:
+            from .checkpoint import load_extra_tensors
+
+            self.distill.teacher.load_state_dict(load_extra_tensors(checkpoint, "ema_teacher"))
         self.step = trainer_state["step"]
         self.samples_seen = trainer_state["samples_seen"]
         self.tokens_seen = trainer_state["tokens_seen"]
@@ -191,8 +223,9 @@ class Trainer:
         state = {"samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen, "metrics_lines": self.metrics.lines,
                  "counters": self.counters}
         config_text = yaml.safe_dump(config_to_dict(self.config), sort_keys=False)
+        extra = {"ema_teacher": self.distill.teacher.state_dict()} if self.distill is not None else None
         path = self.checkpoints.save(self.step, self.model, self.optimizer, self.processor, state, data_state,
-                                     config_text, trainable_only=self.config.lora.enabled)
+                                     config_text, trainable_only=self.config.lora.enabled, extra_tensors=extra)
         return str(path)
 
     # ------------------------------------------------------------------ evaluation
@@ -320,6 +353,7 @@ class Trainer:
         lrs = {f"lr/{group['name']}": group["lr"] for group in getattr(self.optimizer, "optimizer", self.optimizer).param_groups}
         record = {
             "loss": values["loss"],
+            **({"distill_loss": values["distill_loss"]} if "distill_loss" in values else {}),
             "loss_avg": sum(window_losses) / len(window_losses),
             "grad_norm": values["grad_norm"],
             **lrs,
