@@ -99,7 +99,7 @@ class _CoordinateTeacher(nn.Module):
 @pytest.mark.parametrize("teacher_patch", [14, 7])
 def test_teacher_features_are_resampled_onto_the_students_grid_in_its_order(teacher_patch):
     grid = torch.tensor([[1, 4, 6]])
-    trainer = SimpleNamespace(teacher=_CoordinateTeacher(teacher_patch), teacher_layer=-1,
+    trainer = SimpleNamespace(teacher=_CoordinateTeacher(teacher_patch), teacher_layer=-1, teacher_kwargs={},
                               accelerator=SimpleNamespace(device="cpu"), processor=SimpleNamespace(merge_size=2))
     micro = {"image_grid_thw": grid, "teacher_pixel_values": [torch.zeros(3, 4 * 14, 6 * 14)]}
     features = MaskedImageTrainer.teacher_features(trainer, micro)

@@ -281,6 +281,9 @@ class Config:
                              "alone (evaluate it with `finevit-vl eval-zeroshot` after Stage II)")
         if self.data.pack:
             raise ValueError(f"data.pack is for token rows; objective {self.objective} packs images by construction")
+        if self.data.eval is not None:
+            raise ValueError(f"data.eval (a held-out next-token loss) does not apply to objective {self.objective}; "
+                             "score a Stage II model with `finevit-vl eval-zeroshot`")
         if self.objective == "masked_image":
             if self.mim.target not in ("features", "pixels"):
                 raise ValueError(f"mim.target must be features or pixels, got {self.mim.target!r}")

@@ -16,6 +16,8 @@ embeddings (and the temperature and bias) are computed on the full set, then eac
 gradients and backpropagates those embedding gradients. This costs one extra forward per micro-batch.
 """
 
+import inspect
+
 import torch
 from torch.nn import functional as F
 
@@ -47,6 +49,10 @@ class MaskedImageTrainer(_EncoderStageTrainer):
         super().__init__(*args, **kwargs)
         self.teacher = teacher
         self.teacher_layer = teacher_layer
+        # SigLIP / CLIP towers interpolate their position table only when asked; DINOv2 always does.
+        self.teacher_kwargs = {"output_hidden_states": teacher_layer != -1}
+        if teacher is not None and "interpolate_pos_encoding" in inspect.signature(teacher.forward).parameters:
+            self.teacher_kwargs["interpolate_pos_encoding"] = True
 
     @torch.no_grad()
     def teacher_features(self, micro: dict) -> torch.Tensor:
@@ -57,10 +63,7 @@ class MaskedImageTrainer(_EncoderStageTrainer):
         dtype = next(self.teacher.parameters()).dtype
         merge = self.processor.merge_size
         for pixels, grid in zip(micro["teacher_pixel_values"], grids):
-            kwargs = {"output_hidden_states": self.teacher_layer != -1}
-            if "interpolate_pos_encoding" in self.teacher.forward.__code__.co_varnames:
-                kwargs["interpolate_pos_encoding"] = True
-            outputs = self.teacher(pixel_values=pixels[None].to(device, dtype), **kwargs)
+            outputs = self.teacher(pixel_values=pixels[None].to(device, dtype), **self.teacher_kwargs)
             tokens = outputs.last_hidden_state if self.teacher_layer == -1 else outputs.hidden_states[self.teacher_layer]
             patch = self.teacher.config.patch_size
             rows, cols = pixels.shape[1] // patch, pixels.shape[2] // patch

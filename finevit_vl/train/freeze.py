@@ -38,11 +38,14 @@ def module_of(parameter_name: str) -> str:
 
 def unused_vision_modules(model: nn.Module) -> tuple[str, ...]:
     """Each module the model's training never runs: the VL model's, from the tower's spec; Stage I's pooling head
-    (trained in Stage II); Stage II's bias under the softmax loss."""
+    (trained in Stage II); Stage II's bias under the softmax loss and the text tower's pooler when not pooled by it."""
     if model.config.model_type == "finevit_mim":
         return ("vision_model.head",)
     if model.config.model_type == "finevit_contrastive":
-        return ("logit_bias",) if model.config.loss_type == "softmax" else ()
+        unused = ("logit_bias",) if model.config.loss_type == "softmax" else ()
+        if model.config.text_pooling != "auto":  # the text tower's own pooler (SigLIP's head, BERT's) goes unused
+            unused += ("text_model.head", "text_model.pooler")
+        return unused
     vision_config = model.config.vision_config
     return tuple(f"vision_tower.{name}" for name in vision_tower_spec(vision_config.model_type).unused_modules)
 
