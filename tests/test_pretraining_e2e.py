@@ -122,7 +122,7 @@ def test_the_chain_stage1_stage2_stage3_sft_hands_over_each_stages_weights(pretr
     make_data(stage3_data, seed=0, train_per_task=6, eval_per_task=2, settings=Settings(image_size=112))
     stage3 = [str(CONFIGS / "tiny_cpu_stage3.yaml"), f"run_dir={runs / 'stage3'}", "train.max_steps=3",
               f"data.train.path={stage3_data / 'stage3' / 'train.jsonl'}", "data.eval=null", "modules.vision_tower.train=false",
-              f"model.init_from={runs / 'stage2' / 'final'}"]
+              f"model.init_from={runs / 'stage2' / 'final'}", "model.vision_preset=finevit-tiny"]
     _run(_launch_cmd(stage3))
     handoff = json.loads((runs / "stage3" / "handoff.json").read_text())
     assert handoff["source_type"] == "finevit_contrastive" and len(handoff["carried"]) == len(stage1_encoder)

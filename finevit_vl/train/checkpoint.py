@@ -456,7 +456,13 @@ class CheckpointManager:
             saved_names = [group.get("name") for group in saved["param_groups"]]
             if names != saved_names:
                 raise CheckpointError(f"{path / 'optimizer.pt'}: parameter groups {saved_names}, this run has {names}")
-            inner.load_state_dict(saved)
+            try:
+                inner.load_state_dict(saved)
+            except ValueError as error:  # torch: "... parameter group that doesn't match the size of optimizer's group"
+                raise CheckpointError(
+                    f"{path / 'optimizer.pt'}: its parameter groups hold other parameters than this run trains ({error}); "
+                    "the freeze policy (modules.*.train) differs from the run that saved it"
+                ) from None
         rank = accelerator.process_index
         try:
             set_rng_state(json.loads((path / f"rng_rank{rank}.json").read_text()))
