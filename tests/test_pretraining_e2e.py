@@ -69,11 +69,13 @@ def test_stage2_loss_is_the_same_over_processes_and_micro_batches(pretrain_data,
 
 
 def test_stage2_resumes_exactly_across_a_phase_boundary(pretrain_data, tmp_path):
-    """Stopped at step 3 (inside phase 1: 16 tokens per caption), resumed through the boundary at step 4 (64 tokens):
-    the same losses as one uninterrupted run, the text length of each phase in force, the cut captions counted."""
+    """Stopped after 3 steps (phase 1: 16 tokens per caption, text tower frozen), resumed through the boundary at
+    step 4 (64 tokens, text tower trained): the same losses as one uninterrupted run, each phase's settings in force,
+    the cut captions counted."""
     common = ("train.max_steps=6", "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_every=1",
-              "train.checkpoint_every=3", "contrastive.loss=softmax", "data.num_workers=1",
-              "train.phases=[{start_step: 0, text_max_length: 16}, {start_step: 4, text_max_length: 64}]")
+              "train.checkpoint_every=3", "train.keep_last=2", "contrastive.loss=softmax", "data.num_workers=1",
+              ("train.phases=[{start_step: 0, text_max_length: 16, train_text_tower: false}, "
+              "{start_step: 4, text_max_length: 64, train_text_tower: true}]"))
     _run(_launch_cmd(_stage2(pretrain_data, tmp_path / "whole", *common)))
     _run(_launch_cmd(_stage2(pretrain_data, tmp_path / "stopped", *common, "train.stop_after_steps=3")))
     assert not (tmp_path / "stopped" / "final").exists()
@@ -87,6 +89,15 @@ def test_stage2_resumes_exactly_across_a_phase_boundary(pretrain_data, tmp_path)
     # than 64 tokens: phase 1 cuts them to 16, phase 2 to 64, and every cut is counted.
     assert logged[4]["tokens_seen"] == 4 * 8 * 16 and logged[4]["captions_truncated"] == 32
     assert logged[6]["tokens_seen"] == 4 * 8 * 16 + 2 * 8 * 64 and logged[6]["captions_truncated"] == 48
+    # The text tower is frozen in phase 1 (its learning rate gated to 0) and trains in phase 2.
+    init = _state(tmp_path / "whole" / "init", "text_model.")
+    at3 = _state(tmp_path / "whole" / "checkpoints" / "checkpoint-00000003", "text_model.")
+    final = _state(tmp_path / "whole" / "final", "text_model.")
+    assert all(torch.equal(init[k], at3[k]) for k in init)
+    assert any(not torch.equal(init[k], final[k]) for k in init)
+    assert any(not torch.equal(a, b) for a, b in zip(_state(tmp_path / "whole" / "init", "vision_model.").values(),
+                                                     _state(tmp_path / "whole" / "checkpoints" / "checkpoint-00000003",
+                                                            "vision_model.").values()))
     processor = json.loads((tmp_path / "stopped" / "final" / "processor_config.json").read_text())
     assert processor["text_max_length"] == 64  # exported with the length in force at the end
 
