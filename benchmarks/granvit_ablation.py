@@ -34,12 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", help="a finished default quickstart run folder to reuse as the baseline arm")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    scores = {}
-    for index, (name, extra) in enumerate(ARMS.items()):
-        run = Path(args.baseline).resolve() if name == "baseline" and args.baseline else out / f"arm{index}"
-        if not (run / "eval" / "results.json").exists():
-            _cli("quickstart", "--out", str(run), *extra)
-        scores[name] = json.loads((run / "eval" / "results.json").read_text())["results"]
+    runs = {name: Path(args.baseline).resolve() if name == "baseline" and args.baseline else out / f"arm{index}"
+            for index, name in enumerate(ARMS)}
+    # The other arms first: a reused baseline may still be running when this starts.
+    for name in sorted(ARMS, key=lambda name: name == "baseline"):
+        if not (runs[name] / "eval" / "results.json").exists():
+            if name == "baseline" and args.baseline:
+                raise SystemExit(f"--baseline {runs[name]} has no eval/results.json (a finished quickstart run)")
+            _cli("quickstart", "--out", str(runs[name]), *ARMS[name])
+    scores = {name: json.loads((runs[name] / "eval" / "results.json").read_text())["results"] for name in ARMS}
     results = {"stages": scores}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
