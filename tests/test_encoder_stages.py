@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import random_image
-from PIL import Image
 from torch import nn
 from transformers import AutoConfig
 
@@ -204,4 +203,3 @@ def test_an_image_record_without_an_image_is_a_bad_record(tmp_path):
         encoder.encode_record({"id": "t", "task": "conversation", "image": None,
                                "conversations": [{"role": "user", "content": "hi"},
                                                  {"role": "assistant", "content": "yo"}]}, "x.jsonl:3")
-    Image.new("RGB", (10, 10))  # keep PIL imported for the helpers above

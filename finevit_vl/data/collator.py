@@ -318,7 +318,7 @@ def collate_rows(
     sample_ids = torch.full(shape, -1, dtype=torch.long)
     image_inputs: list[dict[str, torch.Tensor]] = []
     regions: list[tuple[int, dict[str, torch.Tensor]]] = []  # (index of the sample's first image in the batch, regions)
-    sample_index = 0
+    sample_index = num_images = 0
     for row_index, row in enumerate(rows):
         start = 0
         for segment, sample in enumerate(row):
@@ -329,9 +329,10 @@ def collate_rows(
             segment_ids[row_index, start:end] = segment
             sample_ids[row_index, start:end] = sample_index
             if sample.regions is not None:
-                regions.append((sum(inputs["image_grid_thw"].shape[0] for inputs in image_inputs), sample.regions))
+                regions.append((num_images, sample.regions))
             if sample.num_images:
                 image_inputs.append(sample.image_inputs)
+                num_images += sample.num_images
             start, sample_index = end, sample_index + 1
         # Padding continues the positions from 0 like one more (unsupervised) sequence.
         position_ids[row_index, start:] = torch.arange(row_len - start)
@@ -347,8 +348,7 @@ def collate_rows(
             region_boxes=torch.cat([r["boxes"] for _, r in regions]),
             region_box_image=torch.cat([torch.full((len(r["boxes"]),), first) for first, r in regions]),
             # The original (width, height) of every image of the batch ((1, 1) where no box refers to it).
-            region_image_sizes=torch.ones(sum(inputs["image_grid_thw"].shape[0] for inputs in image_inputs), 2,
-                                          dtype=torch.long).index_put_((torch.tensor([first for first, _ in regions]),),
+            region_image_sizes=torch.ones(num_images, 2, dtype=torch.long).index_put_((torch.tensor([first for first, _ in regions]),),
                                                                        torch.stack([r["image_size"] for _, r in regions])),
             region_crop_pixel_values=torch.cat([r["crop_pixel_values"] for _, r in regions]),
             region_crop_image_grid_thw=torch.cat([r["crop_image_grid_thw"] for _, r in regions]),

@@ -22,13 +22,6 @@ class FineViTContrastiveProcessor(ProcessorMixin):
         self.text_max_length = text_max_length
         super().__init__(image_processor, tokenizer, **kwargs)
 
-    def set_pixel_budget(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
-        processor = self.image_processor
-        processor.min_pixels = processor.min_pixels if min_pixels is None else int(min_pixels)
-        processor.max_pixels = processor.max_pixels if max_pixels is None else int(max_pixels)
-        if processor.min_pixels > processor.max_pixels:
-            raise ValueError(f"min_pixels ({processor.min_pixels}) exceeds max_pixels ({processor.max_pixels})")
-
     def tokenize(self, texts: list[str], max_length: int | None = None, padding: str | bool = "longest") -> tuple[dict, int]:
         """Captions -> (`input_ids` + `attention_mask` tensors, how many were longer than `max_length` and cut)."""
         max_length = max_length or self.text_max_length

@@ -199,14 +199,13 @@ def _run_encoder_stage(config, accelerator, train_source, plan) -> dict:
     """Stage I (`objective: masked_image`) or Stage II (`contrastive`): the encoder's own pretraining."""
     from ..data.image_samples import CaptionEncoder, ImageBatcher, MaskedImageEncoder
     from .data import BadRecordLimit, BadRecordLog, TrainStream
-    from .encoder_models import build_contrastive_model, build_mim_model, load_teacher, teacher_path
+    from .encoder_models import build_encoder_stage_model, load_teacher, teacher_path
     from .encoder_trainers import ContrastiveTrainer, MaskedImageTrainer
     from .freeze import format_report, trainable_report
     from .model import prepare_trainable
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    build = build_mim_model if config.objective == "masked_image" else build_contrastive_model
-    model, processor, base_path = build(config, accelerator)
+    model, processor, base_path = build_encoder_stage_model(config, accelerator)
     _hand_off(config, accelerator, model, plan)
     model = prepare_trainable(model, config)
     logger.info("trainable modules (freeze policy):\n%s", format_report(trainable_report(model)))

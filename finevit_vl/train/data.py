@@ -365,7 +365,7 @@ class TrainStream:
             num_images=sum(s.num_images for s in samples),
             num_patches=sum(s.num_patches for s in samples),
             state=self.state_dict(),
-            counts=self.batcher.step_counts(samples) if hasattr(self.batcher, "step_counts") else {},
+            counts=self.batcher.step_counts(samples),
         )
 
     def reconfigure(self, change) -> None:

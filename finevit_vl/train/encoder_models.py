@@ -8,7 +8,6 @@ trained (`finevit_vl.train.handoff`).
 """
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from ..data.image_samples import TeacherView
 from .config import Config
+from .model import build_once, tokenizer_corpus_of
 
 
 logger = logging.getLogger(__name__)
@@ -39,17 +39,6 @@ def _image_processor(config: Config, vision_config):
                                  max_pixels=max_pixels, min_pixels=min(config.data.min_pixels or 56 * 56, max_pixels))
 
 
-def _save_once(folder: Path, accelerator, build) -> str:
-    """`build(tmp_dir)` on the main process unless `folder` exists; every rank gets the path."""
-    if accelerator.is_main_process and not (folder / "config.json").exists():
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
-        tmp.rename(folder)
-    accelerator.wait_for_everyone()
-    return str(folder)
-
-
 # ---------------------------------------------------------------------------------------------------- Stage I
 
 
@@ -69,7 +58,7 @@ def teacher_path(config: Config, accelerator) -> str:
         logger.info("built a random %s teacher into %s (set mim.teacher to a real one)", config.mim.teacher_preset,
                     tmp.with_name("teacher"))
 
-    return _save_once(Path(config.run_dir) / "teacher", accelerator, build)
+    return build_once(Path(config.run_dir) / "teacher", accelerator, build)
 
 
 def load_teacher(path: str, device) -> tuple[nn.Module, TeacherView]:
@@ -120,7 +109,7 @@ def build_mim_model(config: Config, accelerator):
         FineViTForMaskedImageModeling(model_config).save_pretrained(tmp)
         _image_processor(config, vision_config).save_pretrained(tmp)
 
-    path = config.model.path or _save_once(Path(config.run_dir) / "init", accelerator, build)
+    path = config.model.path or build_once(Path(config.run_dir) / "init", accelerator, build)
     model = AutoModel.from_pretrained(path, attn_implementation=config.model.attn_implementation or "sdpa")
     if model.config.model_type != "finevit_mim":
         raise ValueError(f"model.path {path} is a {model.config.model_type} folder, not a Stage I one; to start Stage I "
@@ -141,17 +130,11 @@ def _text_lengths(config: Config) -> int:
 
 def _tiny_text_tower(config: Config):
     """A tiny random text tower and a tokenizer trained on the training captions."""
-    from itertools import islice
-
     from transformers import AutoConfig
 
-    from ..corpus import tokenizer_corpus
-    from ..data import build_source
     from ..tiny import build_tokenizer
 
-    records = (record for record, _ in build_source(config.data.train))
-    tokenizer = build_tokenizer(tokenizer_corpus(islice(records, config.model.tokenizer_corpus_records)),
-                                config.model.vocab_size)
+    tokenizer = build_tokenizer(tokenizer_corpus_of(config), config.model.vocab_size)
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
     # The context covers the longest text length of the run's phases; `text_overrides` may set more (so that runs
     # with different schedules share one architecture).
@@ -205,7 +188,7 @@ def build_contrastive_model(config: Config, accelerator):
         FineViTContrastiveProcessor(_image_processor(config, vision_config), tokenizer,
                                     text_max_length=contrastive.text_max_length).save_pretrained(tmp)
 
-    path = config.model.path or _save_once(Path(config.run_dir) / "init", accelerator, build)
+    path = config.model.path or build_once(Path(config.run_dir) / "init", accelerator, build)
     model = AutoModel.from_pretrained(path, attn_implementation=config.model.attn_implementation or "sdpa")
     if model.config.model_type != "finevit_contrastive":
         raise ValueError(f"model.path {path} is a {model.config.model_type} folder, not a Stage II one; to start Stage "
@@ -218,4 +201,10 @@ def build_contrastive_model(config: Config, accelerator):
     return model, processor, path
 
 
-__all__ = ["build_contrastive_model", "build_mim_model", "load_teacher", "teacher_path"]
+def build_encoder_stage_model(config: Config, accelerator):
+    """The parts of `config.objective`'s stage (masked_image or contrastive): `(model, processor, path)`."""
+    build = build_mim_model if config.objective == "masked_image" else build_contrastive_model
+    return build(config, accelerator)
+
+
+__all__ = ["build_contrastive_model", "build_encoder_stage_model", "build_mim_model", "load_teacher", "teacher_path"]

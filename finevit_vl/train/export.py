@@ -135,10 +135,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
     if config.objective == "next_token":
         model, processor, base_path = load_model(config, accelerator)
     else:
-        from .encoder_models import build_contrastive_model, build_mim_model
+        from .encoder_models import build_encoder_stage_model
 
-        build = build_mim_model if config.objective == "masked_image" else build_contrastive_model
-        model, processor, base_path = build(config, accelerator)
+        model, processor, base_path = build_encoder_stage_model(config, accelerator)
     model = prepare_trainable(model, config)
     load_weights(model, path, state.get("trainable_only", False))
     logger.info("exporting %s (step %d)", path, state["step"])

@@ -18,7 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANTIZATION_SKIP_MODULES = ["vision_tower", "multi_modal_projector", "lm_head"]
 
 
-def _corpus(config: Config) -> list[str]:
+def tokenizer_corpus_of(config: Config) -> list[str]:
     """The tokenizer corpus (`finevit_vl.corpus`) of the first `model.tokenizer_corpus_records` training records."""
     from itertools import islice
 
@@ -29,13 +29,26 @@ def _corpus(config: Config) -> list[str]:
     return tokenizer_corpus(islice(records, config.model.tokenizer_corpus_records))
 
 
+def build_once(folder: Path, accelerator, build) -> str:
+    """`build(tmp_dir)` on the main process unless `folder` holds a model already (a resumed run reuses it), then
+    renamed into place; every rank waits and gets the path."""
+    if accelerator.is_main_process and not (folder / "config.json").exists():
+        tmp_dir = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        build(tmp_dir)
+        tmp_dir.rename(folder)
+    accelerator.wait_for_everyone()
+    return str(folder)
+
+
 def ensure_tiny_init(config: Config, accelerator) -> str:
     """Build the tiny model once (main process) into `run_dir/init` and return that path; resumed runs reuse it."""
     init_dir = Path(config.run_dir) / "init"
-    if accelerator.is_main_process and not (init_dir / "config.json").exists():
+
+    def build(tmp_dir: Path) -> None:
         from ..tiny import build_tiny_model, build_tokenizer
 
-        tokenizer = build_tokenizer(_corpus(config), config.model.vocab_size)
+        tokenizer = build_tokenizer(tokenizer_corpus_of(config), config.model.vocab_size)
         model, processor = build_tiny_model(
             text_model_type=config.model.text_model_type,
             vision_preset=config.model.vision_preset,
@@ -45,15 +58,12 @@ def ensure_tiny_init(config: Config, accelerator) -> str:
             # Fixed-size encoders take their input side from the budget (native ones get it again at load).
             max_pixels=config.data.max_pixels or 224 * 224,
         )
-        tmp_dir = init_dir.with_name("init.tmp")
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         model.save_pretrained(tmp_dir)
         processor.save_pretrained(tmp_dir)
-        tmp_dir.rename(init_dir)
         logger.info("built a tiny model (%s + %s, vocab %d) into %s", config.model.vision_preset,
                     config.model.text_model_type, len(tokenizer), init_dir)
-    accelerator.wait_for_everyone()
-    return str(init_dir)
+
+    return build_once(init_dir, accelerator, build)
 
 
 ATTENTION_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
@@ -149,4 +159,4 @@ def prepare_trainable(model: nn.Module, config: Config) -> nn.Module:
     return model
 
 
-__all__ = ["QUANTIZATION_SKIP_MODULES", "ensure_tiny_init", "load_model", "prepare_trainable"]
+__all__ = ["QUANTIZATION_SKIP_MODULES", "build_once", "ensure_tiny_init", "load_model", "prepare_trainable", "tokenizer_corpus_of"]
