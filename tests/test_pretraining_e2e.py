@@ -44,11 +44,14 @@ def test_stage1_loss_falls_with_each_target(pretrain_data, tmp_path, target):
     losses = [m["loss_avg"] for m in _metrics(run_dir) if "loss_avg" in m]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
     assert (run_dir / "final" / "encoder" / "config.json").exists()
-    if target == "features":  # the teacher is loaded, used, never trained nor saved with the student
-        teacher = load_file(str(run_dir / "teacher" / "model.safetensors"))
+    if target == "features":  # the teacher is loaded frozen, never trained nor saved with the student
+        from finevit_vl.train.encoder_models import load_teacher
+
+        teacher, view = load_teacher(str(run_dir / "teacher"), "cpu")
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert view.patch_size == teacher.config.patch_size
         student = load_file(str(run_dir / "final" / "model.safetensors"))
         assert not any(key.startswith(("teacher", "embeddings.")) for key in student)
-        assert teacher  # saved once when built; training only reads it
 
 
 def test_stage2_loss_is_the_same_over_processes_and_micro_batches(pretrain_data, tmp_path):
