@@ -36,14 +36,17 @@ def test_a_strategy_other_than_the_one_asked_for_is_refused(accelerator, env, me
     assert "accelerate launch --multi_gpu --num_processes" in str(error.value)
 
 
-@pytest.mark.reliability("distributed", "FSDP config launched on a CPU-only machine", "refused at start, exit 2")
-def test_an_fsdp_launch_on_cpu_stops_before_training(tmp_path):
+@pytest.mark.reliability("distributed", "FSDP1 config launched on a CPU-only machine", "refused at start, exit 2")
+def test_an_fsdp1_launch_on_cpu_stops_before_training(tmp_path):
+    """FSDP2 runs on CPU processes (see test_train_e2e); FSDP1's flat parameters need accelerators."""
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(root / "train_configs/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port", "29517",
+    config = (root / "train_configs/accelerate/fsdp2.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1")
+    (tmp_path / "fsdp1.yaml").write_text(config)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp1.yaml"),
+               "--num_processes", "2", "--main_process_port", "29517",
                "-m", "finevit_vl.train", str(root / "train_configs/tiny_cpu_stage3.yaml"), f"run_dir={tmp_path / 'run'}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
-    assert "asked for FSDP (ACCELERATE_USE_FSDP=true) but MULTI_CPU is in force" in result.stderr
+    assert "the launch asked for FSDP version 1, which needs accelerator devices" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained

@@ -33,9 +33,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch_cmd(args: list[str], processes: int = 1) -> list[str]:
+def _launch_cmd(args: list[str], processes: int = 1, config_file: str | None = None) -> list[str]:
+    """`accelerate launch` of the trainer: data-parallel gloo processes, or the strategy of an Accelerate config."""
     flags = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
+    if config_file is not None:
+        flags += ["--config_file", str(CONFIGS / "accelerate" / config_file), "--main_process_port", str(_free_port())]
+    elif processes > 1:
         flags += ["--multi_gpu", "--main_process_port", str(_free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", *flags, "-m", "finevit_vl.train", *args]
 
@@ -356,3 +359,103 @@ def test_bad_records_are_skipped_reported_and_limited(data, base, tmp_path):
     # The count is reduced across ranks once per step, so it may pass the limit by what other ranks read that step.
     assert re.search(r"error: \d+ bad records skipped, over data.max_bad_records=2", failed.stderr), failed.stderr[-3000:]
     assert json.loads((tmp_path / "bad2" / "bad_records_summary.json").read_text())["bad_records"] >= 3
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2, world sizes
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data, base, tmp_path_factory) -> tuple[Path, str]:
+    """The reference recipe under the shipped FSDP2 config on 2 CPU processes (gloo), checkpoint every 2 steps."""
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    result = _run(_launch_cmd(_reference_args(data, base, run_dir, "train.checkpoint_every=2", "train.keep_last=3"),
+                              processes=2, config_file="fsdp2.yaml"))
+    return run_dir, result.stderr
+
+
+def test_fsdp2_on_two_cpu_processes_matches_one_process_and_exports_a_loadable_model(reference_run, fsdp_run):
+    from transformers import AutoModelForImageTextToText
+
+    import finevit_vl  # noqa: F401
+
+    run_dir, log = fsdp_run
+    assert "distributed strategy: FSDP over gloo, 2 process(es)" in log
+    one, two = _step_losses(reference_run), _step_losses(run_dir)
+    assert sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    assert _max_weight_diff(reference_run / "final", run_dir / "final") < 1e-5
+    # Each rank wrote its own shards; nothing pickled; the export is our model, not torch's FSDP classes.
+    sharded = run_dir / "checkpoints" / "checkpoint-00000006" / "sharded"
+    assert sorted(p.name for p in sharded.iterdir()) == [f"{stem}-rank0000{r}-of-00002.safetensors"
+                                                          for stem in ("model", "optimizer") for r in (0, 1)]
+    assert not list((run_dir / "final").glob("_fsdp*.py")) and (run_dir / "final" / "modeling_finevit_vl.py").exists()
+    model = AutoModelForImageTextToText.from_pretrained(run_dir / "final")
+    assert type(model).__name__ == "FineViTVLForConditionalGeneration"
+
+
+@pytest.mark.reliability("preemption", "SIGKILL of an FSDP2 run (2 gloo processes) after a sharded checkpoint",
+                         "resume from the per-rank shard files gives the same weights and losses")
+def test_fsdp2_sigkill_then_resume_from_sharded_checkpoint_is_exact(fsdp_run, data, base, tmp_path):
+    reference, _ = fsdp_run
+    run_dir = tmp_path / "killed"
+    command = _launch_cmd(_reference_args(data, base, run_dir, "train.checkpoint_every=2"), processes=2,
+                          config_file="fsdp2.yaml")
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not (run_dir / "checkpoints" / "checkpoint-00000002" / "trainer_state.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (run_dir / "final").exists(), "killed too late: the run had already finished"
+    command[command.index("--main_process_port") + 1] = str(_free_port())
+    _run(command)
+    assert _max_weight_diff(reference / "final", run_dir / "final") == 0.0
+    resumed, uninterrupted = _step_losses(run_dir), _step_losses(reference)
+    assert all(resumed[step] == uninterrupted[step] for step in (3, 4, 5, 6))
+
+
+def _resume_elsewhere(source_run: Path, step: int, tmp_path: Path, processes: int, config_file: str | None,
+                      data: Path, base: Path) -> Path:
+    """A copy of `source_run` cut back to its checkpoint at `step`, resumed on `processes` processes."""
+    import shutil
+
+    run_dir = tmp_path / "moved"
+    shutil.copytree(source_run, run_dir, ignore=shutil.ignore_patterns("final", "adapter"))
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        if checkpoint.name != f"checkpoint-{step:08d}":
+            shutil.rmtree(checkpoint)
+    result = _run(_launch_cmd(_reference_args(data, base, run_dir), processes=processes, config_file=config_file))
+    assert f"on {processes}: the data position of every old rank is carried over" in result.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("saved_by, resumed_on", [("fsdp2 x2", "1 process"), ("1 process", "ddp x2"),
+                                                  ("ddp x2", "1 process")])
+def test_a_checkpoint_resumes_on_another_number_of_processes(reference_run, fsdp_run, data, base, tmp_path,
+                                                             saved_by, resumed_on):
+    """The global batch and the sample order are kept, so the resumed steps have the uninterrupted run's losses."""
+    if saved_by == "fsdp2 x2":
+        source = fsdp_run[0]
+    else:
+        source = tmp_path / "saved"
+        _run(_launch_cmd(_reference_args(data, base, source, "train.checkpoint_every=2", "train.keep_last=3",
+                                         "train.stop_after_steps=4"), processes=1 if saved_by == "1 process" else 2))
+    run_dir = _resume_elsewhere(source, 2, tmp_path, 1 if resumed_on == "1 process" else 2, None, data, base)
+    resumed, reference = _step_losses(run_dir), _step_losses(reference_run)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(3, 7):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+    assert _max_weight_diff(reference_run / "final", run_dir / "final") < 1e-5
+
+
+def test_an_fsdp2_checkpoint_exports_without_its_processes(fsdp_run, tmp_path):
+    run_dir, _ = fsdp_run
+    out = tmp_path / "export"
+    _run([sys.executable, "-m", "finevit_vl.cli", "export", str(run_dir / "checkpoints" / "checkpoint-00000006"),
+          "--out", str(out)])
+    assert _max_weight_diff(run_dir / "final", out) == 0.0

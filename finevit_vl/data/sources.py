@@ -15,10 +15,14 @@ images and never raise for a single bad record: a line or sample that cannot be 
 
 Distributed training: ``source.shard(rank, world_size)`` yields only the records whose index ``i`` in the full
 stream has ``i % world_size == rank`` (deterministic; shards compose: ranks, then DataLoader workers; WebDataset
-sources split whole tar files instead when they have enough of them). Resume:
+sources split whole tar files instead when they have enough of them). Resume with the same sharding:
 ``state_dict()`` after consuming records, ``load_state_dict(state)`` on a fresh source with the same sharding, and
-iteration continues with the next record. A file source is a single cursor: iterating again continues where the last
-iteration stopped, and starts over after a complete pass. `MixtureSource` is endless.
+iteration continues with the next record. Resume with another sharding (another number of processes or DataLoader
+workers): ``source.shard(rank, world_size).continue_from(states)`` with the states of *every* shard of the earlier run;
+each new shard then skips the records (by index, per pass) that some earlier shard already took, so the whole run
+sees every record of a pass once (not in the same order). Sources split by whole tar file cannot do this. A file
+source is a single cursor: iterating again continues where the last iteration stopped, and starts over after a
+complete pass. `MixtureSource` is endless.
 
 Configs: each source has a typed config (`JsonlSourceConfig`, `WebDatasetSourceConfig`, `HFDatasetSourceConfig`,
 `MixtureSourceConfig`; YAML ``{type: jsonl, path: ...}``), read by the loader of `finevit_vl.data.configs` like every
@@ -32,6 +36,7 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import posixpath
 import random
@@ -39,7 +44,8 @@ import re
 import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -65,6 +71,8 @@ class Source(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def continue_from(self, states: list[dict[str, Any]]) -> None: ...
+
 
 def _check_shard(rank: int, world_size: int) -> None:
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
@@ -73,45 +81,194 @@ def _check_shard(rank: int, world_size: int) -> None:
         )
 
 
+ShardCursor = tuple[int, int, int, int]  # (rank, world_size, position, epoch) of one shard of an earlier run
+
+
+def _meets(rank: int, world_size: int, other_rank: int, other_world_size: int) -> bool:
+    """Whether the index classes ``rank mod world_size`` and ``other_rank mod other_world_size`` share an index."""
+    return (rank - other_rank) % math.gcd(world_size, other_world_size) == 0
+
+
+@dataclass(frozen=True)
+class _TakenBefore:
+    """The records earlier runs took, by pass, for a source resumed with another sharding (`continue_from`).
+
+    Shard ``(rank, world, position, epoch)`` took, in pass ``epoch``, the indices ``rank + k * world`` for
+    ``k < position``, and in every earlier pass all of its indices. ``shards`` are the cursors of the run resumed
+    from, which together cover the whole stream (restricted to those that meet this source's indices); ``older``
+    are cursors of runs before that one whose records may be ahead of those cursors (a run resumed again before it
+    moved past what it had to skip).
+    """
+
+    shards: tuple[ShardCursor, ...]
+    older: tuple[ShardCursor, ...] = ()
+    _all: tuple[ShardCursor, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_all", self.shards + self.older)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> "_TakenBefore | None":
+        if not state:
+            return None
+        return cls(tuple(map(tuple, state["shards"])), tuple(map(tuple, state.get("older", ()))))
+
+    def to_state(self) -> dict[str, Any]:
+        return {"shards": [list(cursor) for cursor in self.shards], "older": [list(cursor) for cursor in self.older]}
+
+    def restricted(self, rank: int, world_size: int) -> "_TakenBefore":
+        """Only the cursors whose indices meet those of shard ``rank`` / ``world_size``."""
+        def meets(cursor: ShardCursor) -> bool:
+            return _meets(cursor[0], cursor[1], rank, world_size)
+
+        return _TakenBefore(tuple(filter(meets, self.shards)), tuple(filter(meets, self.older)))
+
+    def first_epoch(self) -> int:
+        """The first pass not wholly taken (for the indices the ``shards`` cover)."""
+        return min(epoch for _, _, _, epoch in self.shards)
+
+    def last_epoch(self) -> int:
+        """The last pass of which some record was taken (-1: none)."""
+        return max((epoch if position else epoch - 1 for _, _, position, epoch in self._all), default=-1)
+
+    def taken(self, index: int, epoch: int) -> bool:
+        for rank, world_size, position, taken_epoch in self._all:
+            if index % world_size == rank and (
+                taken_epoch > epoch or (taken_epoch == epoch and (index - rank) // world_size < position)
+            ):
+                return True
+        return False
+
+    def untaken_from(self, epoch: int) -> int | None:
+        """An index below which every record was taken in pass ``epoch`` (``None``: all of them were): each index
+        belongs to one of ``shards``, which took all of its indices below its cursor."""
+        bounds = [rank + position * world_size if taken_epoch == epoch else rank
+                  for rank, world_size, position, taken_epoch in self.shards if taken_epoch <= epoch]
+        return min(bounds, default=None)
+
+
+def _check_cover(shards: Sequence[ShardCursor], what: str) -> None:
+    """The shards of a run: every index of the stream in exactly one of them."""
+    bad = [cursor for cursor in shards if not (0 <= cursor[0] < cursor[1])]
+    overlap = next(((a, b) for i, a in enumerate(shards) for b in shards[i + 1:] if _meets(a[0], a[1], b[0], b[1])),
+                   None)
+    if bad or overlap or sum(Fraction(1, world_size) for _, world_size, _, _ in shards) != 1:
+        raise ValueError(
+            f"{what}: continue_from needs the data position of every shard (rank x DataLoader worker) of the earlier "
+            f"run, each once; these {len(shards)} (rank, world_size) do not cover the stream exactly once: "
+            f"{sorted({(rank, world_size) for rank, world_size, _, _ in shards})}"
+        )
+
+
 class RecordSource(ABC):
     """A finite, ordered stream of records with a resumable cursor and deterministic sharding."""
 
     def __init__(self) -> None:
         self._rank, self._world_size = 0, 1
-        self._position = 0  # records of this shard already yielded in the current pass
+        self._position = 0  # indices of this shard passed in the current pass (yielded, or skipped as taken before)
         self._epoch = 0  # completed passes
+        self._resumed: _TakenBefore | None = None  # given to continue_from; shards of this source start from it
+        self._skip: _TakenBefore | None = None  # records taken before, still ahead of the cursor
+
+    @property
+    def epoch(self) -> int:
+        """Completed passes (the pass being read)."""
+        return self._epoch
+
+    @property
+    def continuing(self) -> bool:
+        """Whether records an earlier run took (`continue_from`) are still to be skipped."""
+        return self._skip is not None
 
     @abstractmethod
     def _stream(self, start: int, step: int) -> Iterator[RecordWithLocation]:
         """One pass over the records with index ``start, start + step, ...`` of the full stream."""
 
     def __iter__(self) -> Iterator[RecordWithLocation]:
+        while True:
+            skipping, yielded = self._skip is not None, False
+            for pair in self._pass():
+                yielded = True
+                yield pair
+            self._position = 0
+            self._epoch += 1
+            if self._skip is not None and self._epoch > self._skip.last_epoch():
+                self._skip = None
+            if yielded or not skipping:
+                return
+            # A pass whose records were all taken before: go on with the next one, so it does not look empty.
+
+    def _pass(self) -> Iterator[RecordWithLocation]:
+        skip = self._skip
+        if skip is not None:
+            bound = skip.untaken_from(self._epoch)
+            if bound is None:
+                return
+            self._position = max(self._position, -(-(bound - self._rank) // self._world_size))
         start = self._rank + self._position * self._world_size
         for pair in self._stream(start, self._world_size):
+            index = self._rank + self._position * self._world_size
             self._position += 1
-            yield pair
-        self._position = 0
-        self._epoch += 1
+            if skip is None or not skip.taken(index, self._epoch):
+                yield pair
 
     def shard(self, rank: int, world_size: int) -> "RecordSource":
-        """A copy that yields every ``world_size``-th record of this source, starting at its ``rank``-th."""
+        """A copy that yields every ``world_size``-th record of this source, starting at its ``rank``-th.
+
+        The copy starts at the first pass; a source given `continue_from` hands its shards the records to skip, so
+        they start where it does.
+        """
         _check_shard(rank, world_size)
         view = copy.copy(self)
         view._rank = self._rank + rank * self._world_size
         view._world_size = self._world_size * world_size
-        view._position, view._epoch = 0, 0
+        view._position, view._epoch, view._resumed, view._skip = 0, 0, None, None
+        if self._resumed is not None:
+            view._start_from(self._resumed)
         return view
 
+    def continue_from(self, states: list[dict[str, Any]]) -> None:
+        """Continue the stream of a run with another sharding: ``states`` are the `state_dict()` of every shard of
+        that run (all ranks, all DataLoader workers; they must cover the stream exactly once).
+
+        This source (itself any shard of the same source) then starts at the first pass some earlier shard is in,
+        and in that pass and later ones skips the records an earlier shard already took in that pass: skipped
+        records advance the cursor but are not yielded. The skip list is kept in `state_dict()` until the cursor
+        moves past it, so the run can be resumed again (same sharding: `load_state_dict`; another:
+        `continue_from` again, which unions what is still pending with the new cursors).
+        """
+        if not states:
+            raise ValueError(f"{self!r}: continue_from needs the data states of the earlier run's shards, got none")
+        shards = tuple((s["rank"], s["world_size"], s["position"], s["epoch"]) for s in states)
+        _check_cover(shards, repr(self))
+        first = min(epoch for _, _, _, epoch in shards)
+        older = (tuple(cursor) for s in states if s.get("skip")
+                 for cursor in (*s["skip"]["shards"], *s["skip"].get("older", ())))
+        # Cursors of runs before that are behind `first` (or took nothing in it) say nothing new.
+        older = tuple(dict.fromkeys(c for c in older if c[3] > first or (c[3] == first and c[2] > 0)))
+        self._start_from(_TakenBefore(shards, older))
+
+    def _start_from(self, taken: _TakenBefore) -> None:
+        taken = taken.restricted(self._rank, self._world_size)
+        self._resumed = taken
+        self._position, self._epoch = 0, taken.first_epoch()
+        self._skip = taken if taken.last_epoch() >= self._epoch else None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self._position, "epoch": self._epoch, "rank": self._rank, "world_size": self._world_size}
+        state = {"position": self._position, "epoch": self._epoch, "rank": self._rank, "world_size": self._world_size}
+        if self._skip is not None:
+            state["skip"] = self._skip.to_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["rank"], state["world_size"]) != (self._rank, self._world_size):
             raise ValueError(
                 f"{self!r}: state was saved for shard {state['rank']}/{state['world_size']} but this source is shard "
-                f"{self._rank}/{self._world_size}; resume with the same number of processes and workers"
+                f"{self._rank}/{self._world_size}; resume with the same number of processes and workers, or use "
+                "continue_from with the states of every shard"
             )
         self._position, self._epoch = state["position"], state["epoch"]
+        self._skip = _TakenBefore.from_state(state.get("skip"))
 
 
 def _unusable(reason: str, kind: str, **keys: Any) -> Record:
@@ -248,6 +405,7 @@ class WebDatasetSource(RecordSource):
             if not matches or missing:
                 raise ValueError(f"WebDataset shards not found: {missing or pattern}")
             self.shards.extend(matches)
+        self._all_files = _files_hash(self.shards)  # of the whole source, kept by its shards
 
     def __repr__(self) -> str:
         return f"WebDatasetSource({self.shards[0]!r}, ... {len(self.shards)} shards)"
@@ -256,14 +414,34 @@ class WebDatasetSource(RecordSource):
         _check_shard(rank, world_size)
         if self._world_size > 1 or len(self.shards) < world_size:
             return super().shard(rank, world_size)
+        if self._resumed is not None:
+            raise ValueError(self._cannot_continue(f"its {world_size} shards here would each read whole tar files"))
         view = copy.copy(self)
         view.shards = self.shards[rank::world_size]
         view._position, view._epoch = 0, 0
         return view
 
+    def continue_from(self, states: list[dict[str, Any]]) -> None:
+        """As `RecordSource.continue_from`, for sources sharded per sample only: a position saved by shards that
+        read whole tar files, or a shard here that does, cannot move to another sharding (ValueError)."""
+        if _files_hash(self.shards) != self._all_files:
+            raise ValueError(self._cannot_continue("its shards here read whole tar files"))
+        if any(state.get("files", self._all_files) != self._all_files for state in states):
+            raise ValueError(self._cannot_continue("the checkpoint's shards read whole tar files"))
+        super().continue_from(states)
+
+    def _cannot_continue(self, why: str) -> str:
+        return (
+            f"{self!r}: the data position cannot move to another number of processes or DataLoader workers because "
+            f"{why} ({len(self.shards)} files; a source is split by whole tar files when it has at least as many as "
+            "processes x workers, and such a position says which files were read, not which records). Resume with "
+            "the number of processes and data.num_workers the checkpoint was written with, or start the data "
+            "stream afresh"
+        )
+
     def state_dict(self) -> dict[str, Any]:
         # The files a shard reads identify it as well as (rank, world_size) do.
-        return {**super().state_dict(), "files": hashlib.sha1("\n".join(self.shards).encode()).hexdigest()}
+        return {**super().state_dict(), "files": _files_hash(self.shards)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("files") != self.state_dict()["files"]:
@@ -290,6 +468,10 @@ class WebDatasetSource(RecordSource):
                         yield _sample_to_record(key, data, location), location
             except (tarfile.TarError, EOFError, OSError) as err:
                 raise ValueError(f"{shard}: unreadable tar shard after sample {index} ({err})") from None
+
+
+def _files_hash(shards: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(shards).encode()).hexdigest()
 
 
 def _sample_to_record(key: str, data: dict[str, bytes], location: str) -> Record:
@@ -443,6 +625,7 @@ class MixtureSource:
         self.weights = [w / total for w in weights]
         self.seed = seed
         self._step = 0
+        self._resumed_step: int | None = None  # set by continue_from; shards start from it
         self._block_index, self._block = -1, []
 
     def __repr__(self) -> str:
@@ -471,9 +654,29 @@ class MixtureSource:
             self._step += 1
             yield pair
 
+    @property
+    def continuing(self) -> bool:
+        """Whether a member still skips records an earlier run took (`continue_from`)."""
+        return any(getattr(source, "continuing", False) for source in self.sources)
+
     def shard(self, rank: int, world_size: int) -> "MixtureSource":
         _check_shard(rank, world_size)
-        return MixtureSource([source.shard(rank, world_size) for source in self.sources], self.weights, self.seed)
+        view = MixtureSource([source.shard(rank, world_size) for source in self.sources], self.weights, self.seed)
+        if self._resumed_step is not None:
+            view._step = view._resumed_step = self._resumed_step
+        return view
+
+    def continue_from(self, states: list[dict[str, Any]]) -> None:
+        """Continue a run with another sharding from the states of all its shards: each member continues from its
+        shards' states (`RecordSource.continue_from`), so no member repeats or misses a record; the choices
+        continue from the smallest step of any earlier shard (shards drift apart, by their bad records, so no one
+        step continues them all; the members drawn from then on follow the seed and weights as before)."""
+        if not states or any(len(state["sources"]) != len(self.sources) for state in states):
+            raise ValueError(f"{self!r}: continue_from needs the states of the earlier run's shards, each with "
+                             f"{len(self.sources)} mixture members")
+        for index, source in enumerate(self.sources):
+            source.continue_from([state["sources"][index] for state in states])
+        self._step = self._resumed_step = min(state["step"] for state in states)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step, "sources": [source.state_dict() for source in self.sources]}

@@ -44,9 +44,15 @@ def _accelerator(config):
             logging.getLogger(__name__).warning("tracker %r is not installed; logging to metrics.jsonl only", tracker)
         else:
             trackers.append(tracker)
+    from .strategy import check_fsdp_version_on_cpu, enable_fsdp2_on_cpu
+
+    if not torch.cuda.is_available():
+        check_fsdp_version_on_cpu()
     # cpu=True without a GPU: `accelerate launch --multi_gpu` then runs gloo processes on CPU.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, log_with=trackers or None,
-                       project_dir=config.run_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                              log_with=trackers or None, project_dir=config.run_dir)
+    enable_fsdp2_on_cpu(accelerator)
+    return accelerator
 
 
 def _setup_logging(accelerator) -> None:

@@ -7,6 +7,7 @@ Layout::
         config.json, model.safetensors, processor files   full fine-tune: a loadable Hugging Face folder
         trainable.safetensors                             LoRA: the trained tensors (`finevit-vl export` merges them)
         optimizer.pt                                      tensors and plain values only, loaded with weights_only=True
+        sharded/{model,optimizer}-rankR-of-W.safetensors  FSDP2 instead: each rank's shards (`sharded_checkpoint`)
         rng_rank{rank}.json, data_state_rank{rank}.json   RNG and data position of every rank
         run_config.yaml                                   the resolved training config in force
         trainer_state.json                                step, counters, run id, size + sha256 of every file; last
@@ -15,6 +16,10 @@ Nothing in a checkpoint is unpickled: weights are safetensors, the optimizer sta
 `torch.load(weights_only=True)`, the rest is JSON / YAML, and a file that the manifest does not list is refused.
 The scheduler is not stored: it is a function of the step and the config, rebuilt on resume (so a deliberately
 changed learning rate takes effect).
+
+A checkpoint resumes on another number of processes (not DeepSpeed's): the weights and optimizer state are the
+same on every rank or resharded from the FSDP files, and every old rank's data position goes to the new stream
+(`TrainStream.continue_from`), which reads on without repeats or gaps.
 
 A save writes into `.tmp-checkpoint-N`, fsyncs every file, renames the folder and fsyncs the parent; a crash, a
 SIGKILL or a full disk leaves the previous checkpoint as the newest intact one. On resume a checkpoint whose files
@@ -34,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .sharded_checkpoint import ShardedCheckpointError, load_sharded, save_sharded
 
 
 logger = logging.getLogger(__name__)
@@ -353,6 +360,22 @@ def _sharded(accelerator) -> bool:
     return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
 
 
+def _fsdp(accelerator) -> bool:
+    return accelerator.distributed_type.name == "FSDP"
+
+
+_LAYOUT_WORDS = {"full": "unsharded (one process / DDP)", "fsdp": "sharded by FSDP2", "deepspeed": "by DeepSpeed"}
+
+
+def _saved_layout(path: Path) -> str:
+    """How a checkpoint holds the weights: "full" (a Hugging Face folder), "fsdp" (per-rank shard files) or
+    "deepspeed" (the engine's own folder)."""
+    sharded = path / "sharded"
+    if not sharded.is_dir():
+        return "full"
+    return "fsdp" if any(sharded.glob("model-rank*.safetensors")) else "deepspeed"
+
+
 def _describe(error: BaseException, folder: Path) -> str:
     """The error, plus the free space when the disk is (nearly) full: torch's writer hides ENOSPC."""
     text = f"{type(error).__name__}: {error}"
@@ -397,20 +420,24 @@ class CheckpointManager:
         state_dict = None
         if self._all_ok(error is None):
             try:
-                if _sharded(accelerator):
-                    accelerator.save_state(str(tmp / "sharded"))  # the engine's own format (see issue on FSDP/DCP)
+                if _fsdp(accelerator):
+                    save_sharded(model, getattr(optimizer, "optimizer", optimizer), tmp / "sharded",
+                                 accelerator.process_index, accelerator.num_processes, trainable_only)
+                elif _sharded(accelerator):
+                    accelerator.save_state(str(tmp / "sharded"))  # DeepSpeed: the engine's own format
                 else:
                     state_dict = accelerator.get_state_dict(model)
                     if accelerator.is_main_process:
                         unwrapped = accelerator.unwrap_model(model)
                         save_weights(unwrapped, state_dict, processor, tmp, trainable_only)
                         torch.save(getattr(optimizer, "optimizer", optimizer).state_dict(), tmp / "optimizer.pt")
-                        for name, tensors in (extra_tensors or {}).items():  # e.g. the EMA teacher
-                            save_extra_tensors(tmp, name, tensors)
+                if accelerator.is_main_process:
+                    for name, tensors in (extra_tensors or {}).items():  # e.g. the EMA teacher (not sharded)
+                        save_extra_tensors(tmp, name, tensors)
                 write_json(tmp / f"data_state_rank{accelerator.process_index}.json", data_state)
                 write_json(tmp / f"rng_rank{accelerator.process_index}.json", rng_state())
             except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-                error = err
+                error = err  # (ShardedCheckpointError is a RuntimeError too)
         del state_dict
         saved = self._all_ok(error is None)
         if saved and accelerator.is_main_process:
@@ -436,17 +463,33 @@ class CheckpointManager:
             logger.info("saved checkpoint %s", final)
         return final
 
-    def load(self, path: Path, model, optimizer) -> tuple[dict, dict]:
-        """Restore weights, optimizer and RNG from a verified checkpoint; returns `(trainer_state, data_state)`."""
+    def load(self, path: Path, model, optimizer) -> tuple[dict, list[dict]]:
+        """Restore weights, optimizer and RNG from a verified checkpoint; returns `(trainer_state, data_states)`
+        with the data state of every rank that saved it, in rank order."""
         accelerator = self.accelerator
         path = Path(path)
         state = read_state(path)
-        if state["world_size"] != accelerator.num_processes:
+        saved_world, world = state["world_size"], accelerator.num_processes
+        layout = _saved_layout(path)
+        in_force = accelerator.distributed_type.name
+        # FSDP2 shard files also load into one process / DDP; a full folder does not shard itself into FSDP2.
+        loadable = {"DEEPSPEED": ("deepspeed",), "FSDP": ("fsdp",)}.get(in_force, ("full", "fsdp"))
+        if layout not in loadable:
             raise CheckpointError(
-                f"{path} was saved by {state['world_size']} processes but this run has {accelerator.num_processes}; "
-                "resume with the same number of processes (the data position is per rank)"
+                f"{path} was saved {_LAYOUT_WORDS[layout]} but this run is {in_force}; resume with the strategy it was "
+                f"saved with, or export it (`finevit-vl export {path} --out DIR`) and start a new run from the export"
             )
-        if _sharded(accelerator):
+        if layout == "fsdp":  # into FSDP2 on any number of processes, or into one process / DDP
+            target = model if in_force == "FSDP" else accelerator.unwrap_model(model)
+            try:
+                load_sharded(target, getattr(optimizer, "optimizer", optimizer), path / "sharded",
+                             accelerator.process_index, world, state.get("trainable_only", False))
+            except ShardedCheckpointError as error:
+                raise CheckpointError(str(error)) from None
+        elif layout == "deepspeed":
+            if saved_world != world:
+                raise CheckpointError(f"{path} was saved by DeepSpeed on {saved_world} processes, this run has {world}: "
+                                      "DeepSpeed checkpoints resume on the same number of processes")
             accelerator.load_state(str(path / "sharded"))
         else:
             load_weights(accelerator.unwrap_model(model), path, state.get("trainable_only", False))
@@ -464,13 +507,23 @@ class CheckpointManager:
                     "the freeze policy (modules.*.train) differs from the run that saved it"
                 ) from None
         rank = accelerator.process_index
+        # Every rank gets every old rank's data position (on another world size the stream works out what is left
+        # from all of them); a rank that did not exist before starts from a seeded RNG.
         try:
-            set_rng_state(json.loads((path / f"rng_rank{rank}.json").read_text()))
-            data_state = json.loads((path / f"data_state_rank{rank}.json").read_text())
+            if rank < saved_world:
+                set_rng_state(json.loads((path / f"rng_rank{rank}.json").read_text()))
+            else:
+                from accelerate.utils import set_seed
+
+                set_seed(state["step"] * 1009 + rank)
+            data_states = [json.loads((path / f"data_state_rank{r}.json").read_text()) for r in range(saved_world)]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"{path}: the RNG or data state of rank {rank} is unreadable ({error})") from None
+        if saved_world != world:
+            logger.warning("resuming %s, saved by %d process(es), on %d: the data position of every old rank is "
+                           "carried over, so the stream goes on without repeats or gaps", path, saved_world, world)
         logger.info("resumed from %s (step %d)", path, state["step"])
-        return state, data_state
+        return state, data_states
 
 
 __all__ = [

@@ -17,8 +17,11 @@ reason with example locations, written by `write_bad_record_summary`. Records fo
 skipped in later passes without being decoded or tokenized again.
 
 The stream's position (the loader's: every worker's source cursor, pass and records known to be too long; and the
-counts) is snapshotted after each step, so a checkpoint resumes with exactly the next record and the same counts. A background
-thread can prepare the next steps while the model trains.
+counts) is snapshotted after each step, so a checkpoint resumes with exactly the next record and the same counts
+(`TrainStream.load_state_dict`, with the same number of processes and workers). With another number of processes or
+workers, `TrainStream.continue_from` takes the states of every rank and continues with the records no earlier shard
+had read in its pass: no record of a pass is repeated or missed, though the order differs and the bad-record ledger
+is merged onto rank 0. A background thread can prepare the next steps while the model trains.
 """
 
 import json
@@ -397,6 +400,41 @@ class TrainStream:
         self.loader.load_state_dict(state["loader"])
         self.bad_records.load_state_dict(state)
         self.stop_reason = None  # a resumed run checks again, under its own limit
+        self._results = None
+
+    def continue_from(self, states: list[dict], rank: int) -> None:
+        """Resume after a run with another number of processes and/or DataLoader workers: ``states`` are that
+        run's `state_dict()`s of every rank, in rank order, and ``rank`` is this process's rank now (this stream's
+        source being that rank's shard of the same source).
+
+        The loader is rebuilt so that this rank's shard, pass by pass, skips every record some earlier rank's
+        worker had already read in that pass (`finevit_vl.data.sources.RecordSource.continue_from`): over all new
+        ranks, every record of a pass is read once, in another order than an uninterrupted run. Passes start from
+        the earliest pass of any earlier shard; records known to be too long stay known. Bad-record ledger: rank 0
+        takes the merged ledger of all earlier ranks (their bad records, and the sums of records read and skipped),
+        the other ranks start empty, so the totals over ranks carry on; as a rank no longer knows which bad records
+        another reported, a bad record met again in a later pass may be reported (logged and counted) once more.
+        Sources split by whole tar file (WebDataset) cannot continue this way (ValueError).
+        """
+        if not states or any("loader" not in state for state in states):
+            raise ValueError("continue_from needs the data state (with its loader position) of every rank of the "
+                             "earlier run")
+        workers = [worker for state in states for worker in dataset_states(state["loader"])]
+        self.loader = build_record_loader(self.source, self.encoder, self.num_workers)
+        self.loader.dataset.continue_from(workers)
+        if self.num_workers > 1:
+            self.source.shard(0, self.num_workers)  # a source that cannot continue in workers says so here
+        log = self.bad_records
+        log.records, log.records_read, log.records_skipped = {}, 0, 0
+        if rank == 0:
+            for state in states:
+                earlier = BadRecordLog(None)
+                earlier.load_state_dict(state)
+                for key, entry in earlier.records.items():
+                    log.records.setdefault(key, entry)
+                log.records_read += earlier.records_read
+                log.records_skipped += earlier.records_skipped
+        self.stop_reason = None
         self._results = None
 
 

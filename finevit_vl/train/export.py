@@ -11,6 +11,7 @@
 Folders are written to a temporary name and renamed when complete.
 """
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -37,6 +38,23 @@ def _tmp(final: Path) -> Path:
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
+
+
+@contextlib.contextmanager
+def plain_class(model: torch.nn.Module):
+    """`model` seen as its own class while it is saved: FSDP2 swaps a module's class for a generated subclass
+    defined in torch, and Transformers copies the remote code of the class it sees (torch's files, not ours)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    generated = type(model)
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.__class__ = next(cls for cls in generated.__mro__[1:] if not issubclass(cls, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = generated
 
 
 def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
@@ -84,7 +102,8 @@ def export_model(accelerator, config, model, processor, base_path: str, out_dir:
     if accelerator.is_main_process:
         target = adapter if config.lora.enabled else final
         tmp = _tmp(target)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        with plain_class(unwrapped):
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
         _replace(tmp, target)
         if config.lora.enabled and "model" in written:
@@ -139,7 +158,21 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
 
         model, processor, base_path = build_encoder_stage_model(config, accelerator)
     model = prepare_trainable(model, config)
-    load_weights(model, path, state.get("trainable_only", False))
+    if (path / "sharded").is_dir():  # FSDP2: the full tensors assembled from every rank's file
+        from .sharded_checkpoint import MODEL_STEM, ShardedCheckpointError, read_full_state
+
+        try:
+            full = read_full_state(path / "sharded", MODEL_STEM)
+        except ShardedCheckpointError as error:
+            raise CheckpointError(str(error)) from None
+        missing, unexpected = model.load_state_dict(full, strict=False)
+        if state.get("trainable_only"):  # LoRA: the frozen base comes from model.path
+            missing = []
+        if missing or unexpected:
+            raise CheckpointError(f"{path / 'sharded'}: tensors that do not match the model (missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]})")
+    else:
+        load_weights(model, path, state.get("trainable_only", False))
     logger.info("exporting %s (step %d)", path, state["step"])
     return export_model(accelerator, config, model, processor, base_path, str(out_dir))
 

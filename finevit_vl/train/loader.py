@@ -10,7 +10,10 @@ result handed out (every worker's source cursor, pass and over-long records), ho
 a resumed loader continues with exactly the next result.
 
 The order of records is the source order whatever `num_workers` is, within a pass whose length the workers divide;
-across pass ends it depends on `num_workers`, which is why a run resumes only with the number it started with.
+across pass ends it depends on `num_workers`. So `load_state_dict` (exact: the very next result) needs the number of
+workers (and processes) the state was saved with; with another number, `EncodedRecords.continue_from` takes the
+states of every worker of every rank of the earlier run and continues with the records none of them had read in
+their passes (`finevit_vl.data.sources.RecordSource.continue_from`), in another order.
 """
 
 import contextlib
@@ -99,10 +102,13 @@ class EncodedRecords(IterableDataset):
             self.passes, self.too_long = self._loaded["passes"], set(self._loaded["too_long"])
             self._empty_passes, self._usable_in_pass = self._loaded["empty_passes"], self._loaded["usable_in_pass"]
             self._loaded = None
+        self.passes = getattr(self._share, "epoch", self.passes)  # a continued share may start in a later pass
         while True:
             for record, location in self._share:
+                self.passes = getattr(self._share, "epoch", self.passes)
                 yield self._encode(record, location)
-            self.passes += 1
+            # A record source counts its passes (one iteration may span a pass an earlier run had wholly read).
+            self.passes = getattr(self._share, "epoch", self.passes + 1)
             # Two passes in a row without a usable record (one may be the tail of a resumed pass): give up.
             self._empty_passes = 0 if self._usable_in_pass else self._empty_passes + 1
             self._usable_in_pass = False
@@ -122,14 +128,30 @@ class EncodedRecords(IterableDataset):
         return RecordResult(location, sample)
 
     def state_dict(self) -> dict[str, Any]:
-        if self._share is None:  # not iterated yet in this process
-            return self._loaded or {"source": self.source.state_dict(), "passes": 0, "too_long": [],
-                                    "empty_passes": 0, "usable_in_pass": False}
+        if self._share is None:  # not iterated yet in this process: the start of this worker's share
+            if self._loaded is not None:
+                return self._loaded
+            share = self._worker_share()
+            return {"source": share.state_dict(), "passes": getattr(share, "epoch", self.passes),
+                    "too_long": sorted(self.too_long), "empty_passes": 0, "usable_in_pass": False}
         return {"source": self._share.state_dict(), "passes": self.passes, "too_long": sorted(self.too_long),
                 "empty_passes": self._empty_passes, "usable_in_pass": self._usable_in_pass}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loaded = state
+
+    def continue_from(self, states: list[dict[str, Any]]) -> None:
+        """Start (before iterating) after a run with another number of ranks or workers: ``states`` are the
+        `state_dict()`s of every worker of every rank of that run. The source skips what they had read
+        (`RecordSource.continue_from`), the records they found too long stay known, the passes count from the
+        earliest of theirs, and the empty-pass count starts over."""
+        if not states or any(state is None for state in states):
+            raise ValueError("continue_from needs the data state of every worker of every rank of the earlier run")
+        self.source.continue_from([state["source"] for state in states])
+        self.passes = min(state["passes"] for state in states)
+        self.too_long = {location for state in states for location in state["too_long"]}
+        self._empty_passes, self._usable_in_pass = 0, False
+        self._share, self._loaded = None, None
 
 
 def build_record_loader(source, encoder: SampleEncoder, num_workers: int = 0, prefetch_factor: int = 2):

@@ -195,7 +195,9 @@ class EMATeacher(nn.Module):
         pairs = self._matched("parameters", dict(self.module.named_parameters()), dict(student.named_parameters()))
         if pairs:
             teachers = [t for t, _ in pairs]
-            students = [s.to(device=t.device, dtype=t.dtype) for t, s in pairs]
+            # Under FSDP2 the student's parameters are shards (DTensors): the teacher, a plain copy, takes them whole.
+            students = [(s.full_tensor() if hasattr(s, "full_tensor") else s).to(device=t.device, dtype=t.dtype)
+                        for t, s in pairs]
             # t + (1 - m)(s - t): exact (no drift) when the student equals the teacher.
             torch._foreach_lerp_(teachers, students, 1.0 - self.momentum)
         for t, s in self._matched("buffers", dict(self.module.named_buffers()), dict(student.named_buffers())):

@@ -6,6 +6,12 @@ accelerator devices and refuses DeepSpeed on CPU), and a process started by a mu
 distributed state trains its own copy (`DistributedType.NO`). Either way a user would get something else than asked,
 or N unsynchronised copies. So the trainer stops at start with a message naming the launch command to use, and logs
 the strategy in force.
+
+FSDP2 is the exception we can mend: `torch.distributed.fsdp.fully_shard` runs on a CPU device mesh over gloo, so when
+an FSDP2 config is launched on CPU processes, `enable_fsdp2_on_cpu` puts Accelerate's state into FSDP with the
+launch's plugin (Accelerate's own FSDP2 code path then runs unchanged: `prepare`, `no_sync`, `clip_grad_norm_`, the
+full state dict). The same launch command then works on a laptop and on GPU nodes. FSDP1 (flat parameters) is not
+offered on CPU and stays refused.
 """
 
 import os
@@ -15,6 +21,38 @@ from collections.abc import Mapping
 MULTI_PROCESS_COMMAND = "accelerate launch --multi_gpu --num_processes {n} -m finevit_vl.train CONFIG.yaml"
 # Accelerate's launcher exports these when its config or flags ask for the strategy.
 REQUESTED_BY_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def check_fsdp_version_on_cpu(env: Mapping[str, str] | None = None) -> None:
+    """Before the `Accelerator` is built (it builds the FSDP plugin, and FSDP1's refuses CPU with a traceback): on a
+    machine without accelerators only FSDP2 is offered."""
+    env = os.environ if env is None else env
+    version = env.get("FSDP_VERSION", "1")  # Accelerate's default
+    if env.get(REQUESTED_BY_ENV["FSDP"], "").lower() == "true" and version != "2":
+        raise ValueError(
+            f"the launch asked for FSDP version {version}, which needs accelerator devices; on CPU processes "
+            "FineViT-VL runs FSDP2 (fsdp_version: 2, e.g. train_configs/accelerate/fsdp2.yaml)"
+        )
+
+
+def enable_fsdp2_on_cpu(accelerator, env: Mapping[str, str] | None = None) -> bool:
+    """When the launch asked for FSDP2 and Accelerate fell back to gloo DDP (CPU processes), switch its state to FSDP
+    with the launch's plugin; returns whether it did. Anything else is left for `check_strategy` to judge."""
+    env = os.environ if env is None else env
+    state = accelerator.state
+    asked = env.get(REQUESTED_BY_ENV["FSDP"], "").lower() == "true"
+    if not asked or accelerator.device.type != "cpu" or state.distributed_type.name != "MULTI_CPU":
+        return False
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as Accelerate builds it
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
 
 
 def strategy_in_force(accelerator) -> str:
@@ -49,4 +87,4 @@ def check_strategy(accelerator, env: Mapping[str, str] | None = None) -> str:
     return strategy_in_force(accelerator)
 
 
-__all__ = ["check_strategy", "strategy_in_force"]
+__all__ = ["check_fsdp_version_on_cpu", "check_strategy", "enable_fsdp2_on_cpu", "strategy_in_force"]

@@ -194,7 +194,7 @@ class Trainer:
         if checkpoint is None:
             self.metrics.truncate(0)
             return
-        trainer_state, data_state = self.checkpoints.load(checkpoint, self.model, self.optimizer)
+        trainer_state, data_states = self.checkpoints.load(checkpoint, self.model, self.optimizer)
         if self.distill is not None:
             from .checkpoint import load_extra_tensors
 
@@ -204,7 +204,13 @@ class Trainer:
         self.tokens_seen = trainer_state["tokens_seen"]
         self.counters = dict(trainer_state.get("counters", {}))
         self.metrics.truncate(trainer_state["metrics_lines"])
-        self.stream.load_state_dict(data_state)
+        rank = self.accelerator.process_index
+        same_layout = (len(data_states) == self.accelerator.num_processes
+                       and data_states[rank].get("num_workers", 0) == self.stream.num_workers)
+        if same_layout:  # exact: the same shards, each at its cursor
+            self.stream.load_state_dict(data_states[rank])
+        else:  # another number of processes or workers: the records none of the old shards has read yet
+            self.stream.continue_from(data_states, rank)
         self.scheduler = build_scheduler(self._inner_optimizer, self.config, self.step)
 
     def report_bad_records(self, data_state: dict) -> None:
