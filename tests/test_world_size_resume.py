@@ -80,12 +80,12 @@ def _streams(path: Path, world: int, workers: int = 0, samples_per_step: int = 2
             for rank in range(world)]
 
 
-def _run(streams: list[TrainStream], steps: int) -> tuple[list[tuple[str, int]], list[dict]]:
-    """The (id, pass) of every sample the ranks take in `steps` steps, and each rank's state after the last one
-    (through JSON, as checkpoints store it)."""
+def _run(streams: list[TrainStream], steps: int | list[int]) -> tuple[list[tuple[str, int]], list[dict]]:
+    """The (id, pass) of every sample the ranks take in `steps` steps (per rank: ranks drift apart in the records
+    they read), and each rank's state after the last one (through JSON, as checkpoints store it)."""
     seen, states = [], []
-    for stream in streams:
-        for _ in range(steps):
+    for stream, rank_steps in zip(streams, steps if isinstance(steps, list) else [steps] * len(streams)):
+        for _ in range(rank_steps):
             step = stream.next_step()
             assert step.stop_reason is None
             seen += step.micro_batches[0]["samples"]
@@ -148,7 +148,7 @@ def test_ranks_in_different_passes(jsonl):
 
 
 def test_chained_resume_and_exact_resume_of_a_continued_stream(jsonl):
-    before, states = _run(_streams(jsonl, 2), 4)
+    before, states = _run(_streams(jsonl, 2), [1, 4])  # rank 1 far ahead: the next run has much to skip
     single = _continue(jsonl, states, 1)
     middle, middle_states = _run(single, 1)  # still skipping: the skip list is in the state
     assert "skip" in middle_states[0]["loader"]["dataset_state"]["source"]
@@ -260,7 +260,9 @@ def test_mixture_continue_from_reads_each_member_record_once(tmp_path):
     new = mixture()
     new.continue_from(states)
     assert new.state_dict()["step"] == 5  # the smallest step of the earlier shards
+    in_worker = new.shard(0, 1)  # as a DataLoader worker's share: the same skips, from the same step
     seen += take(new, 80)
+    assert [record_id for record_id, _ in take(in_worker, 80)] == [record_id for record_id, _ in seen[-80:]]
     for name, count, member in (("a", 23, new.sources[0]), ("b", 7, new.sources[1])):
         by_pass = collections.defaultdict(collections.Counter)
         for record_id, epoch in seen:
@@ -270,3 +272,24 @@ def test_mixture_continue_from_reads_each_member_record_once(tmp_path):
         for epoch in range(member.epoch):
             assert by_pass[epoch] == collections.Counter(f"{name}{i}" for i in range(count)), (name, epoch)
         assert max(by_pass[member.epoch].values(), default=1) == 1
+
+
+def test_a_pass_wholly_read_before_is_skipped_within_one_iteration(jsonl):
+    ranks = [JsonlSource(jsonl).shard(rank, 2) for rank in range(2)]
+    first = iter(ranks[0])
+    for _ in range(12):  # all 12 records of rank 0, without starting its next pass
+        next(first)
+    assert len(list(ranks[1])) == 11  # all 11 of rank 1, and 2 of its next pass
+    second = iter(ranks[1])
+    next(second), next(second)
+    assert [(r.state_dict()["position"], r.epoch) for r in ranks] == [(12, 0), (2, 1)]
+    resumed = JsonlSource(jsonl).shard(0, 2)
+    resumed.continue_from([rank.state_dict() for rank in ranks])
+    assert resumed.epoch == 0
+    # Pass 0 of rank 0's records was read whole: one iteration skips it and reads pass 1, so it is not empty.
+    assert [location for _, location in resumed] == [f"{jsonl}:{i + 1}" for i in range(0, NUM_RECORDS, 2)]
+    assert resumed.epoch == 2 and not resumed.continuing
+    behind = JsonlSource(jsonl).shard(1, 2)
+    behind.continue_from([rank.state_dict() for rank in ranks])
+    assert behind.epoch == 1  # pass 0 of its records was wholly read: it starts in pass 1, after 2 records
+    assert len(list(behind)) == 11 - 2 and behind.epoch == 2

@@ -149,10 +149,20 @@ class _TakenBefore:
 
 def _check_cover(shards: Sequence[ShardCursor], what: str) -> None:
     """The shards of a run: every index of the stream in exactly one of them."""
-    bad = [cursor for cursor in shards if not (0 <= cursor[0] < cursor[1])]
-    overlap = next(((a, b) for i, a in enumerate(shards) for b in shards[i + 1:] if _meets(a[0], a[1], b[0], b[1])),
-                   None)
-    if bad or overlap or sum(Fraction(1, world_size) for _, world_size, _, _ in shards) != 1:
+    ok = all(0 <= rank < world_size for rank, world_size, _, _ in shards) and sum(
+        Fraction(1, world_size) for _, world_size, _, _ in shards) == 1
+    if ok:  # the densities add up to 1: the shards cover the stream iff no two share an index
+        period = math.lcm(*(world_size for _, world_size, _, _ in shards))
+        if period <= 1 << 22:  # mark the indices of one period (the usual case: ranks x workers)
+            marked = bytearray(period)
+            for rank, world_size, _, _ in shards:
+                if any(marked[rank::world_size]):
+                    ok = False
+                    break
+                marked[rank::world_size] = b"\x01" * len(range(rank, period, world_size))
+        else:
+            ok = not any(_meets(a[0], a[1], b[0], b[1]) for i, a in enumerate(shards) for b in shards[i + 1:])
+    if not ok:
         raise ValueError(
             f"{what}: continue_from needs the data position of every shard (rank x DataLoader worker) of the earlier "
             f"run, each once; these {len(shards)} (rank, world_size) do not cover the stream exactly once: "

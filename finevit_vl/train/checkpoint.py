@@ -306,6 +306,9 @@ def load_extra_tensors(path: str | os.PathLike, name: str) -> dict[str, torch.Te
 
 def load_optimizer_state(path: Path, device) -> dict:
     file = path / "optimizer.pt"
+    device = torch.device(device)
+    if device.type == "cpu":  # gloo ranks run on "cpu:0", a location torch.load does not restore
+        device = torch.device("cpu")
     try:
         return torch.load(file, map_location=device, weights_only=True)
     except FileNotFoundError:

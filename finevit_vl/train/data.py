@@ -395,7 +395,8 @@ class TrainStream:
         if "loader" not in state or state.get("num_workers", 0) != self.num_workers:
             raise ValueError(
                 f"the data position was saved with data.num_workers={state.get('num_workers', 0)} but this run has "
-                f"{self.num_workers}; resume with the same number of processes and workers"
+                f"{self.num_workers}; resume with the same number of processes and workers, or use continue_from "
+                "with the states of every rank"
             )
         self.loader.load_state_dict(state["loader"])
         self.bad_records.load_state_dict(state)

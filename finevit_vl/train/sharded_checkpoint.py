@@ -113,7 +113,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 - not a dict
         return tensors, json.loads(metadata["layout"]), json.loads(metadata["aliases"]), json.loads(metadata["values"])
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         raise ShardedCheckpointError(f"{path}: cannot read the sharded state ({error})") from None
@@ -157,8 +157,11 @@ def _own_state(folder: Path, stem: str, rank: int, world: int, templates: dict) 
 def load_sharded(model, optimizer, folder: Path, rank: int, world: int, trainable_only: bool = False) -> None:
     """Restore `model` and `optimizer` from `folder`, written by any number of ranks: into FSDP2 on any world size
     (collective), or into a plain module (one process, or each DDP rank)."""
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.fsdp import FSDPModule
 
     saved_world = saved_world_size(folder)
@@ -177,7 +180,30 @@ def load_sharded(model, optimizer, folder: Path, rank: int, world: int, trainabl
         optimizer_state = read_full_state(folder, OPTIMIZER_STEM)
         options = _options(full_state_dict=True, strict=not trainable_only)
     set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    if isinstance(model, FSDPModule):
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    else:  # torch's flattened form does not load into a plain module's optimizer: its own format does
+        optimizer.load_state_dict(_by_parameter_index(optimizer_state, model, optimizer))
+
+
+def _by_parameter_index(flat: dict, model, optimizer) -> dict:
+    """A flat `{"state.<fqn>.<name>": ..., "param_groups.<fqn>.<key>": ...}` optimizer state as
+    `optimizer.state_dict()` has it: parameters numbered in the order of the optimizer's groups."""
+    names = {parameter: name for name, parameter in model.named_parameters()}
+    state, groups, index = {}, [], 0
+    for group in optimizer.param_groups:
+        fqns = [names[parameter] for parameter in group["params"]]
+        settings = {key: value for key, value in group.items() if key != "params"}
+        for key in settings:
+            settings[key] = flat.get(f"param_groups.{fqns[0]}.{key}", settings[key]) if fqns else settings[key]
+        groups.append({**settings, "params": list(range(index, index + len(fqns)))})
+        for fqn in fqns:
+            moments = {key.rsplit(".", 1)[1]: value for key, value in flat.items()
+                       if key.startswith(f"state.{fqn}.") and key.count(".") == fqn.count(".") + 2}
+            if moments:
+                state[index] = moments
+            index += 1
+    return {"state": state, "param_groups": groups}
 
 
 __all__ = ["ShardedCheckpointError", "load_sharded", "read_full_state", "save_sharded", "saved_world_size"]
