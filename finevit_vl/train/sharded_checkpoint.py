@@ -193,9 +193,9 @@ def _by_parameter_index(flat: dict, model, optimizer) -> dict:
     state, groups, index = {}, [], 0
     for group in optimizer.param_groups:
         fqns = [names[parameter] for parameter in group["params"]]
-        settings = {key: value for key, value in group.items() if key != "params"}
-        for key in settings:
-            settings[key] = flat.get(f"param_groups.{fqns[0]}.{key}", settings[key]) if fqns else settings[key]
+        # The saved hyperparameters of the group's first parameter (all of a group's are the same).
+        settings = {key: flat.get(f"param_groups.{fqns[0]}.{key}", value) if fqns else value
+                    for key, value in group.items() if key != "params"}
         groups.append({**settings, "params": list(range(index, index + len(fqns)))})
         for fqn in fqns:
             moments = {key.rsplit(".", 1)[1]: value for key, value in flat.items()
