@@ -459,3 +459,26 @@ def test_an_fsdp2_checkpoint_exports_without_its_processes(fsdp_run, tmp_path):
     _run([sys.executable, "-m", "finevit_vl.cli", "export", str(run_dir / "checkpoints" / "checkpoint-00000006"),
           "--out", str(out)])
     assert _max_weight_diff(run_dir / "final", out) == 0.0
+
+
+@pytest.mark.parametrize("config_file", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_on_two_cpu_processes_matches_one_process_resumes_and_exports(reference_run, data, base, tmp_path,
+                                                                                config_file):
+    """DeepSpeed's CPU accelerator over gloo, launched with the shipped config: stopped at step 3 with a checkpoint
+    in the engine's format, resumed, exported (ZeRO-3: the partitions gathered into a normal checkpoint)."""
+    from transformers import AutoModelForImageTextToText
+
+    import finevit_vl  # noqa: F401
+
+    run_dir = tmp_path / "deepspeed"
+    stopped = _run(_launch_cmd(_reference_args(data, base, run_dir, "train.stop_after_steps=3"), processes=2,
+                               config_file=config_file))
+    assert "distributed strategy: DEEPSPEED over gloo, 2 process(es)" in stopped.stderr
+    assert (run_dir / "checkpoints" / "checkpoint-00000003" / "sharded" / "engine").is_dir()
+    _run(_launch_cmd(_reference_args(data, base, run_dir), processes=2, config_file=config_file))
+    one, two = _step_losses(reference_run), _step_losses(run_dir)
+    assert sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    assert _max_weight_diff(reference_run / "final", run_dir / "final") < 1e-5
+    AutoModelForImageTextToText.from_pretrained(run_dir / "final")

@@ -44,14 +44,16 @@ def _accelerator(config):
             logging.getLogger(__name__).warning("tracker %r is not installed; logging to metrics.jsonl only", tracker)
         else:
             trackers.append(tracker)
-    from .strategy import check_fsdp_version_on_cpu, enable_fsdp2_on_cpu
+    from .strategy import check_fsdp_version_on_cpu, configure_deepspeed, cpu_accelerator_kwargs, enable_fsdp2_on_cpu
 
-    if not torch.cuda.is_available():
+    device_kwargs = {}
+    if not torch.cuda.is_available():  # gloo processes on CPU (`accelerate launch --multi_gpu`, FSDP2, DeepSpeed)
         check_fsdp_version_on_cpu()
-    # cpu=True without a GPU: `accelerate launch --multi_gpu` then runs gloo processes on CPU.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
-                              log_with=trackers or None, project_dir=config.run_dir)
+        device_kwargs = cpu_accelerator_kwargs()
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=trackers or None, project_dir=config.run_dir,
+                              **device_kwargs)
     enable_fsdp2_on_cpu(accelerator)
+    configure_deepspeed(accelerator, config.train.micro_batch_size, config.optim.max_grad_norm)
     return accelerator
 
 

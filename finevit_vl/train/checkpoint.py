@@ -1,4 +1,4 @@
-"""Atomic, verified, pickle-free checkpoints, and the run identity that resume checks.
+"""Atomic, verified checkpoints that unpickle nothing (DeepSpeed's own files aside), and the run identity that resume checks.
 
 Layout::
 
@@ -8,11 +8,14 @@ Layout::
         trainable.safetensors                             LoRA: the trained tensors (`finevit-vl export` merges them)
         optimizer.pt                                      tensors and plain values only, loaded with weights_only=True
         sharded/{model,optimizer}-rankR-of-W.safetensors  FSDP2 instead: each rank's shards (`sharded_checkpoint`)
+        sharded/engine/                                   DeepSpeed instead: the engine's partitioned files
         rng_rank{rank}.json, data_state_rank{rank}.json   RNG and data position of every rank
         run_config.yaml                                   the resolved training config in force
         trainer_state.json                                step, counters, run id, size + sha256 of every file; last
 
-Nothing in a checkpoint is unpickled: weights are safetensors, the optimizer state goes through
+Nothing in a FineViT-VL checkpoint is unpickled, with one exception: DeepSpeed's own files (`sharded/engine/`), which
+DeepSpeed writes with `torch.save` of Python objects and reads with `weights_only=False`; they are read only after
+the manifest check, and only by a DeepSpeed run. Otherwise: weights are safetensors, the optimizer state goes through
 `torch.load(weights_only=True)`, the rest is JSON / YAML, and a file that the manifest does not list is refused.
 The scheduler is not stored: it is a function of the step and the config, rebuilt on resume (so a deliberately
 changed learning rate takes effect).
@@ -50,6 +53,7 @@ TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "run.json"
 FORMAT_VERSION = 2
+DEEPSPEED_TAG = "engine"  # DeepSpeed's checkpoint tag: the folder inside checkpoint-N/sharded
 _NAME = re.compile(rf"{PREFIX}(\d+)")
 
 
@@ -426,8 +430,8 @@ class CheckpointManager:
                 if _fsdp(accelerator):
                     save_sharded(model, getattr(optimizer, "optimizer", optimizer), tmp / "sharded",
                                  accelerator.process_index, accelerator.num_processes, trainable_only)
-                elif _sharded(accelerator):
-                    accelerator.save_state(str(tmp / "sharded"))  # DeepSpeed: the engine's own format
+                elif _sharded(accelerator):  # DeepSpeed: the engine's own partitioned files
+                    model.save_checkpoint(str(tmp / "sharded"), tag=DEEPSPEED_TAG, save_latest=False)
                 else:
                     state_dict = accelerator.get_state_dict(model)
                     if accelerator.is_main_process:
@@ -493,7 +497,10 @@ class CheckpointManager:
             if saved_world != world:
                 raise CheckpointError(f"{path} was saved by DeepSpeed on {saved_world} processes, this run has {world}: "
                                       "DeepSpeed checkpoints resume on the same number of processes")
-            accelerator.load_state(str(path / "sharded"))
+            loaded, _ = model.load_checkpoint(str(path / "sharded"), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+            if loaded is None:
+                raise CheckpointError(f"{path / 'sharded'}: DeepSpeed found no engine state to load")
         else:
             load_weights(accelerator.unwrap_model(model), path, state.get("trainable_only", False))
             inner = getattr(optimizer, "optimizer", optimizer)

@@ -103,7 +103,9 @@ def export_model(accelerator, config, model, processor, base_path: str, out_dir:
         target = adapter if config.lora.enabled else final
         tmp = _tmp(target)
         with plain_class(unwrapped):
-            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            # Our names as they are: under ZeRO-3, Transformers' load attaches a legacy renaming that a save would
+            # "revert" (`language_model.` -> `language_model.model.`), giving a folder that does not load.
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, save_original_format=False)
         processor.save_pretrained(tmp)
         _replace(tmp, target)
         if config.lora.enabled and "model" in written:

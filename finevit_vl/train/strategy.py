@@ -7,7 +7,9 @@ distributed state trains its own copy (`DistributedType.NO`). Either way a user 
 or N unsynchronised copies. So the trainer stops at start with a message naming the launch command to use, and logs
 the strategy in force.
 
-FSDP2 is the exception we can mend: `torch.distributed.fsdp.fully_shard` runs on a CPU device mesh over gloo, so when
+DeepSpeed has a CPU accelerator that falls back to gloo when oneCCL is missing, and Accelerate's DeepSpeed path runs
+on it when the `Accelerator` is built without `cpu=True` and with the gloo backend (`cpu_accelerator_kwargs`); with
+`cpu=True` Accelerate would silently run DDP instead. FSDP2 is mended another way: `torch.distributed.fsdp.fully_shard` runs on a CPU device mesh over gloo, so when
 an FSDP2 config is launched on CPU processes, `enable_fsdp2_on_cpu` puts Accelerate's state into FSDP with the
 launch's plugin (Accelerate's own FSDP2 code path then runs unchanged: `prepare`, `no_sync`, `clip_grad_norm_`, the
 full state dict). The same launch command then works on a laptop and on GPU nodes. FSDP1 (flat parameters) is not
@@ -21,6 +23,32 @@ from collections.abc import Mapping
 MULTI_PROCESS_COMMAND = "accelerate launch --multi_gpu --num_processes {n} -m finevit_vl.train CONFIG.yaml"
 # Accelerate's launcher exports these when its config or flags ask for the strategy.
 REQUESTED_BY_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def cpu_accelerator_kwargs(env: Mapping[str, str] | None = None) -> dict:
+    """`Accelerator` arguments on a machine without accelerators: gloo processes on CPU; for a DeepSpeed launch,
+    DeepSpeed's own CPU accelerator over gloo."""
+    env = os.environ if env is None else env
+    if env.get(REQUESTED_BY_ENV["DEEPSPEED"], "").lower() == "true":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float | None) -> None:
+    """The engine settings our loop decides (before `prepare`): one DeepSpeed accumulation step per micro-batch,
+    with the boundary marked by the trainer on each step's last micro-batch (the count varies with packing), and
+    the clipping of `optim.max_grad_norm`."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type.name != "DEEPSPEED" or plugin is None:
+        return
+    plugin.deepspeed_config.update({
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * accelerator.num_processes,
+        "gradient_clipping": float(max_grad_norm or 0.0),
+    })
 
 
 def check_fsdp_version_on_cpu(env: Mapping[str, str] | None = None) -> None:
@@ -87,4 +115,11 @@ def check_strategy(accelerator, env: Mapping[str, str] | None = None) -> str:
     return strategy_in_force(accelerator)
 
 
-__all__ = ["check_fsdp_version_on_cpu", "check_strategy", "enable_fsdp2_on_cpu", "strategy_in_force"]
+__all__ = [
+    "check_fsdp_version_on_cpu",
+    "check_strategy",
+    "configure_deepspeed",
+    "cpu_accelerator_kwargs",
+    "enable_fsdp2_on_cpu",
+    "strategy_in_force",
+]

@@ -55,6 +55,11 @@ class Trainer:
         if config.distill.enabled:
             from .region_distillation import RegionDistillation
 
+            plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+            if accelerator.distributed_type.name == "DEEPSPEED" and plugin is not None and plugin.zero_stage == 3:
+                raise ValueError("distill.enabled is not supported under DeepSpeed ZeRO-3 (the EMA teacher copies the "
+                                 "encoder's partitioned parameters); use ZeRO-2, FSDP2 or DDP for GranViT phase 1")
+
             self.distill = RegionDistillation(model.model.vision_tower, config.distill, model.config.vision_feature_layer,
                                               model.config.spatial_merge_size, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model, config))
@@ -187,7 +192,11 @@ class Trainer:
 
     @property
     def _inner_optimizer(self) -> torch.optim.Optimizer:
-        return getattr(self.optimizer, "optimizer", self.optimizer)
+        """The torch optimizer inside Accelerate's wrapper (and DeepSpeed's ZeRO optimizer), which the schedule drives."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        return optimizer
 
     def resume(self, checkpoint: str | None) -> None:
         """Continue from `checkpoint` (chosen by `run_dir.plan_run`), or start at step 0 with a fresh metrics log."""
