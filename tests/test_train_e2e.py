@@ -380,6 +380,8 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process_and_exports_a_loadable_m
 
     run_dir, log = fsdp_run
     assert "distributed strategy: FSDP over gloo, 2 process(es)" in log
+    # The wrap policy in force: the model's _no_split_modules, the encoder's blocks and the LLM's decoder layers.
+    assert "2 x FineViTBlock" in log and "2 x Qwen3DecoderLayer" in log
     one, two = _step_losses(reference_run), _step_losses(run_dir)
     assert sorted(two) == list(range(1, 7))
     for step in one:

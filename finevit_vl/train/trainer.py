@@ -38,6 +38,18 @@ logger = logging.getLogger(__name__)
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def fsdp_units(model: torch.nn.Module) -> str:
+    """The modules `fully_shard` made units of, counted by class (the wrap policy in force), e.g.
+    "4 x FineViTBlock, 2 x Qwen3DecoderLayer, 1 x FineViTVLForConditionalGeneration"."""
+    from collections import Counter
+
+    from torch.distributed.fsdp import FSDPModule
+
+    counts = Counter(type(module).__name__.removeprefix("FSDP") for module in model.modules()
+                     if isinstance(module, FSDPModule))
+    return ", ".join(f"{count} x {name}" for name, count in counts.items())
+
+
 class Trainer:
     def __init__(self, config: Config, accelerator, model, processor, base_path: str, stream: TrainStream,
                  held_out: HeldOutLoss | None, run_id: str) -> None:
@@ -63,6 +75,8 @@ class Trainer:
             self.distill = RegionDistillation(model.model.vision_tower, config.distill, model.config.vision_feature_layer,
                                               model.config.spatial_merge_size, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model, config))
+        if accelerator.distributed_type.name == "FSDP":
+            logger.info("FSDP2 units: %s", fsdp_units(self.model))
         # Stepped by hand once per optimizer step (an Accelerate-prepared scheduler steps once per process); not saved:
         # rebuilt from the config and the step on resume.
         self.scheduler = build_scheduler(self._inner_optimizer, config)
