@@ -116,3 +116,45 @@ def test_the_two_phase_configs_run_end_to_end(stage3_data, tmp_path):
     init = load_file(str(tmp_path / "phase1" / "init" / "model.safetensors"))
     assert all(torch.equal(init[k], before[k]) for k in llm)  # phase 1: LLM frozen
     assert not any("distill_loss" in m for m in _metrics(tmp_path / "phase2"))
+
+
+TWO_PHASES_IN_ONE_RUN = (
+    "train.phases=[{start_step: 0, frozen_modules: [language_model], region_directions: box_to_text, distill_weight: 1.0},"
+    " {start_step: 3, frozen_modules: [vision_tower], region_directions: text_to_box, distill_weight: 0.0}]"
+)
+
+
+def test_the_two_phases_inside_one_run(stage3_data, tmp_path):
+    """`train.phases`: the LLM is frozen for the first 3 steps and the encoder after them; distillation is weighted
+    out in the second phase; the learning rates logged say so."""
+    run_dir = tmp_path / "two_phases"
+    _run(_launch_cmd(_phase("tiny_cpu_stage3.yaml", stage3_data, run_dir, "train.max_steps=6", "train.log_every=1",
+                            "train.checkpoint_every=3", "train.keep_last=2", "data.eval=null", "distill.enabled=true",
+                            "distill.crop_pixels=3136", TWO_PHASES_IN_ONE_RUN)))
+    init = load_file(str(run_dir / "init" / "model.safetensors"))
+    middle = load_file(str(run_dir / "checkpoints" / "checkpoint-00000003" / "model.safetensors"))
+    final = load_file(str(run_dir / "final" / "model.safetensors"))
+    encoder = [k for k in init if "vision_tower" in k and init[k].is_floating_point()]
+    llm = [k for k in init if "language_model" in k]
+    assert all(torch.equal(init[k], middle[k]) for k in llm)  # phase 1: LLM frozen
+    assert any(not torch.equal(init[k], middle[k]) for k in encoder)
+    assert all(torch.equal(middle[k], final[k]) for k in encoder)  # phase 2: encoder frozen
+    assert any(not torch.equal(middle[k], final[k]) for k in llm)
+    # Each record logs the rates the next step will use (the schedule has stepped).
+    lrs = {m["step"]: m for m in _metrics(run_dir) if "lr/language_model/no_decay" in m}
+    assert lrs[2]["lr/language_model/no_decay"] == 0.0 < lrs[2]["lr/vision_tower/no_decay"]
+    assert lrs[5]["lr/vision_tower/no_decay"] == 0.0 < lrs[5]["lr/language_model/no_decay"]
+
+
+def test_a_task_filter_keeps_only_the_named_tasks(stage3_data):
+    from collections import Counter
+
+    from finevit_vl.data.sources import build_source
+
+    path = stage3_data / "stage3" / "train.jsonl"
+    everything = Counter(record["task"] for record, _ in build_source({"type": "jsonl", "path": str(path)}))
+    kept = build_source({"type": "jsonl", "path": str(path), "tasks": ["caption", "ocr"]})
+    shards = [Counter(record["task"] for record, _ in kept.shard(rank, 2)) for rank in range(2)]
+    assert set(everything) > {"caption", "ocr"}  # region and grounding records are there to drop
+    assert shards[0] + shards[1] == Counter({task: everything[task] for task in ("caption", "ocr")})
+    assert not hasattr(kept, "__len__")  # train.epochs needs a countable source

@@ -701,6 +701,45 @@ class MixtureSource:
             source.load_state_dict(source_state)
 
 
+class TaskFilter:
+    """The records of ``source`` whose ``task`` is one of ``tasks`` (e.g. an ablation without the region records);
+    the others are read past, neither yielded nor counted, and unparseable records still come through (to be
+    reported). Sharding, positions and `continue_from` are the wrapped source's; it has no length (the records
+    kept are known only once read), so `train.epochs` needs an unfiltered source."""
+
+    def __init__(self, source: Source, tasks: Sequence[str]) -> None:
+        self.source = source
+        self.tasks = frozenset(tasks)
+
+    def __repr__(self) -> str:
+        return f"{self.source!r} (tasks {sorted(self.tasks)})"
+
+    def __iter__(self) -> Iterator[RecordWithLocation]:
+        for record, location in self.source:
+            if "_error" in record or record.get("task") in self.tasks:
+                yield record, location
+
+    def shard(self, rank: int, world_size: int) -> "TaskFilter":
+        return TaskFilter(self.source.shard(rank, world_size), self.tasks)
+
+    @property
+    def epoch(self) -> int:
+        return getattr(self.source, "epoch", 0)
+
+    @property
+    def continuing(self) -> bool:
+        return getattr(self.source, "continuing", False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+    def continue_from(self, states: list[dict[str, Any]]) -> None:
+        self.source.continue_from(states)
+
+
 # ---------------------------------------------------------------- configs: what a YAML file's data.train / data.eval say
 
 
@@ -711,6 +750,7 @@ class JsonlSourceConfig:
     type: ClassVar[str] = "jsonl"
     path: str
     image_root: str | None = None
+    tasks: list[str] | None = None  # keep only records of these tasks (`TaskFilter`)
 
 
 @dataclass
@@ -719,6 +759,7 @@ class WebDatasetSourceConfig:
 
     type: ClassVar[str] = "webdataset"
     shards: str | list[str]
+    tasks: list[str] | None = None
 
 
 @dataclass
@@ -732,6 +773,7 @@ class HFDatasetSourceConfig:
     image_column: str = "image"
     image_root: str | None = None
     cache_dir: str | None = None
+    tasks: list[str] | None = None
 
 
 @dataclass
@@ -794,10 +836,12 @@ def build_source(config: SourceConfig | dict[str, Any], base_dir: PathLike | Non
     if isinstance(config, MixtureSourceConfig):
         return MixtureSource([build_source(member) for member in config.sources], config.weights, config.seed)
     if isinstance(config, WebDatasetSourceConfig):
-        return WebDatasetSource(config.shards)
-    if isinstance(config, JsonlSourceConfig):
-        return JsonlSource(config.path, config.image_root)
-    return HFDatasetSource(**dataclasses.asdict(config))
+        source = WebDatasetSource(config.shards)
+    elif isinstance(config, JsonlSourceConfig):
+        source = JsonlSource(config.path, config.image_root)
+    else:
+        source = HFDatasetSource(**{k: v for k, v in dataclasses.asdict(config).items() if k != "tasks"})
+    return source if config.tasks is None else TaskFilter(source, config.tasks)
 
 
 __all__ = [
@@ -810,6 +854,7 @@ __all__ = [
     "RecordSource",
     "Source",
     "SourceConfig",
+    "TaskFilter",
     "WebDatasetSource",
     "WebDatasetSourceConfig",
     "build_source",

@@ -141,6 +141,9 @@ class PhaseConfig:
     max_pixels: int | None = None  # the pixel budget (e.g. Stage II: 336*336 -> 448*448 native)
     text_max_length: int | None = None  # Stage II: caption tokens (64 -> 256)
     train_text_tower: bool | None = None  # Stage II: false = the text tower's learning rate is 0 (frozen, then unfrozen)
+    frozen_modules: list[str] | None = None  # GranViT's phases in one run: these modules' learning rates are 0 ([] none)
+    region_directions: str | None = None  # both | box_to_text | text_to_box, for records encoded from this phase on
+    distill_weight: float | None = None  # the self-distillation term's weight (0: off) while this phase is in force
 
 
 @dataclass
@@ -272,6 +275,17 @@ class Config:
         starts = [phase.start_step for phase in self.train.phases]
         if starts != sorted(set(starts)) or any(step < 0 for step in starts):
             raise ValueError(f"train.phases must have distinct, increasing start_step values >= 0, got {starts}")
+        from ..data.render import REGION_DIRECTIONS
+
+        for index, phase in enumerate(self.train.phases):
+            unknown = sorted(set(phase.frozen_modules or ()) - set(MODULES))
+            if unknown:
+                raise ValueError(f"train.phases[{index}].frozen_modules: unknown module(s) {unknown}; modules are {list(MODULES)}")
+            if phase.region_directions is not None and phase.region_directions not in REGION_DIRECTIONS:
+                raise ValueError(f"train.phases[{index}].region_directions must be one of {REGION_DIRECTIONS}, got "
+                                 f"{phase.region_directions!r}")
+            if phase.distill_weight is not None and not self.distill.enabled:
+                raise ValueError(f"train.phases[{index}].distill_weight needs distill.enabled: true")
 
     def _validate_encoder_stage(self) -> None:
         if self.lora.enabled or self.model.quantization:

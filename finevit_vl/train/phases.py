@@ -1,12 +1,14 @@
 """A stage's schedule in phases (`train.phases`): the pixel budget, the caption length and the text tower's freezing,
 each changing at a given step (FineViT Stage II: 336 -> 448 px native, text 64 -> 256 tokens, the text tower frozen
-at first and trained later).
+at first and trained later); and GranViT's two phases inside one run: which modules are frozen, which direction the
+region turns take, and the self-distillation weight.
 
 The settings in force are a function of the step alone, so a resumed run is in the same phase as the run it
 continues. A new pixel budget or text length applies to records encoded from that step on: the trainer stops
 prefetching at each phase boundary and the stream rebuilds its loader (workers included) with the new settings,
 keeping its position. Freezing is a learning-rate gate (0 while frozen), not `requires_grad`: DDP and FSDP need one
-fixed set of trainable parameters for the whole run.
+fixed set of trainable parameters for the whole run (a frozen module's AdamW moments still follow its gradients; its
+weights, weight decay included, do not move).
 """
 
 import logging
@@ -15,7 +17,8 @@ import math
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = ("min_pixels", "max_pixels", "text_max_length", "train_text_tower")
+SETTINGS = ("min_pixels", "max_pixels", "text_max_length", "train_text_tower", "frozen_modules", "region_directions",
+            "distill_weight")
 
 
 class PhaseSchedule:
@@ -37,7 +40,10 @@ class PhaseSchedule:
 
     def lr_gate(self, module: str, step: int) -> float:
         """Multiplier of `module`'s learning rate at optimizer step `step`: 0 while the schedule freezes it."""
-        return 0.0 if module == "text_tower" and self.at(step).get("train_text_tower") is False else 1.0
+        settings = self.at(step)
+        if module == "text_tower" and settings.get("train_text_tower") is False:
+            return 0.0
+        return 0.0 if module in (settings.get("frozen_modules") or ()) else 1.0
 
     def apply(self, trainer, step: int) -> float:
         """Configure the trainer's stream for the phase in force at `step`; returns where the phase ends."""
@@ -59,8 +65,14 @@ class PhaseSchedule:
                         raise ValueError("train.phases sets text_max_length, which only objective contrastive has")
                     encoder.text_max_length = settings["text_max_length"]
                     trainer.processor.text_max_length = settings["text_max_length"]  # exported with the model
+                if "region_directions" in settings:
+                    if not hasattr(encoder, "region_directions"):
+                        raise ValueError("train.phases sets region_directions, which only objective next_token has")
+                    encoder.region_directions = settings["region_directions"]
 
             trainer.stream.reconfigure(change)
+            if "distill_weight" in settings:
+                trainer.distill_weight = settings["distill_weight"]
         return self.next_start(step)
 
 

@@ -63,6 +63,7 @@ class Trainer:
         self.vision_dtype = next(p.dtype for n, p in model.named_parameters()
                                  if {"vision_tower", "vision_model"} & set(n.split(".")))
         self.distill = None
+        self.distill_weight = config.distill.weight  # train.phases may change it
         self.step_counts: dict[str, int] = {}
         if config.distill.enabled:
             from .region_distillation import RegionDistillation
@@ -142,7 +143,7 @@ class Trainer:
             objective = micro_sum * (world / targets)
             if self.distill is not None:
                 distill_sum, _ = self.distill.loss_sum(outputs.image_patch_features, micro)
-                objective = objective + self.config.distill.weight * distill_sum * (world / regions)
+                objective = objective + self.distill_weight * distill_sum * (world / regions)
                 self.distill_sum += distill_sum.detach().double()
             accelerator.backward(objective)
             loss_sum += micro_sum.detach().double()
