@@ -2,6 +2,7 @@
 one packed row, region self-distillation as its own loss term with an EMA teacher that resumes bitwise, and the
 two-phase schedule as two configs."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,30 @@ def test_a_task_filter_keeps_only_the_named_tasks(stage3_data):
     assert set(everything) > {"caption", "ocr"}  # region and grounding records are there to drop
     assert shards[0] + shards[1] == Counter({task: everything[task] for task in ("caption", "ocr")})
     assert not hasattr(kept, "__len__")  # train.epochs needs a countable source
+
+
+def test_a_record_without_turns_in_the_direction_is_passed_over_not_counted_bad(tmp_path, tokenizer):
+    """Caption -> box only, and every caption of the record names several boxes: nothing to ask, not bad data."""
+    from finevit_vl.data.collator import RecordOutsideDirection
+    from finevit_vl.tiny import build_tiny_model
+    from finevit_vl.train.data import BadRecordLog, TrainStream
+
+    _, processor = build_tiny_model(tokenizer=tokenizer, max_pixels=112 * 112)
+    random_image(56, 56, 0).save(tmp_path / "a.png")
+    same = [{"box": [0, 0, 20, 20], "text": "a green triangle"}, {"box": [30, 30, 50, 50], "text": "a green triangle"}]
+    records = [{"id": "ambiguous", "task": "region", "image": "a.png", "regions": same},
+               {"id": "fine", "task": "region", "image": "a.png", "regions": same[:1]}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    encoder = SampleEncoder(processor, max_length=2048, shuffle_turns=False, region_directions="text_to_box")
+    record = {**records[0], "_image_root": str(tmp_path)}
+    with pytest.raises(RecordOutsideDirection, match="no text_to_box turn"):
+        encoder.encode_record(record, "train.jsonl:1")
+    SampleEncoder(processor, max_length=2048, region_directions="box_to_text").encode_record(record, "train.jsonl:1")
+    from finevit_vl.data.sources import JsonlSource
+
+    log = BadRecordLog(None)
+    stream = TrainStream(JsonlSource(tmp_path / "train.jsonl"), encoder, 2, 2, False,
+                         processor.tokenizer.pad_token_id, log)
+    step = stream.next_step()
+    assert step.stop_reason is None and step.num_samples == 2  # the usable record, twice (two passes)
+    assert log.count == 0 and log.records_skipped == 0

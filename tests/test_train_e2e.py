@@ -166,6 +166,21 @@ def test_two_processes_match_one_process(reference_run, data, base, tmp_path):
     assert _max_weight_diff(reference_run / "final", run_dir / "final") < 1e-5
 
 
+def _kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
+    """Start `command` and SIGKILL it (its process group: launcher, ranks, threads) once checkpoint 2 is complete."""
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not (run_dir / "checkpoints" / "checkpoint-00000002" / "trainer_state.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # our own process group only
+        process.wait()
+    assert not (run_dir / "final").exists(), "killed too late: the run had already finished"
+
+
 @pytest.mark.reliability("preemption", "SIGKILL of a running `finevit-vl train` after its first checkpoint, "
                          "in-process data and 2 DataLoader workers",
                          "resume from that checkpoint gives the same final weights and losses")
@@ -175,17 +190,7 @@ def test_sigkill_then_resume_gives_the_same_weights(reference_run, data, base, t
     # The reference reads in-process; 2 workers give the same samples within each pass (the shard divides evenly).
     args = _reference_args(data, base, run_dir, "train.checkpoint_every=2", f"data.num_workers={workers}")
     command = [sys.executable, "-m", "finevit_vl.train", *args]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not (run_dir / "checkpoints" / "checkpoint-00000002" / "trainer_state.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.02)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the run and its threads: our own process group only
-        process.wait()
-    assert not (run_dir / "final").exists(), "killed too late: the run had already finished"
+    _kill_after_first_checkpoint(command, run_dir)
 
     _run(command)  # resume: auto, from the latest checkpoint
     assert _max_weight_diff(reference_run / "final", run_dir / "final") <= 1e-6
@@ -403,17 +408,7 @@ def test_fsdp2_sigkill_then_resume_from_sharded_checkpoint_is_exact(fsdp_run, da
     run_dir = tmp_path / "killed"
     command = _launch_cmd(_reference_args(data, base, run_dir, "train.checkpoint_every=2"), processes=2,
                           config_file="fsdp2.yaml")
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not (run_dir / "checkpoints" / "checkpoint-00000002" / "trainer_state.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.02)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert not (run_dir / "final").exists(), "killed too late: the run had already finished"
+    _kill_after_first_checkpoint(command, run_dir)
     command[command.index("--main_process_port") + 1] = str(_free_port())
     _run(command)
     assert _max_weight_diff(reference / "final", run_dir / "final") == 0.0

@@ -32,13 +32,19 @@ from PIL import Image
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .images import load_record_images
-from .render import record_to_messages
+from .render import NoTurnsInDirection, record_to_messages
 from .schema import BadRecordError, Record, record_location
 
 
 IGNORE_INDEX = -100
 # What a vision tower's processor may emit; all concatenate along their first axis.
 IMAGE_INPUT_NAMES = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes")
+
+
+class RecordOutsideDirection(BadRecordError):
+    """A region record with no turn in `region_directions` (e.g. caption -> box only, and every caption names several
+    boxes): left out of this phase, not bad data. The training stream passes over it uncounted; elsewhere it is
+    skipped like a bad record."""
 
 
 class SampleTooLongError(ValueError):
@@ -283,6 +289,8 @@ class SampleEncoder:
             sample = self.encode_messages(messages, images)
             if self.region_crops is not None and images:
                 sample.regions = self.region_crops(record, images[0], rng)
+        except NoTurnsInDirection as err:
+            raise RecordOutsideDirection(where, str(err), "cannot encode") from None
         except ValueError as err:  # too long, image processor refusal (aspect ratio), template mismatch, ...
             kind = "too long" if isinstance(err, SampleTooLongError) else "cannot encode"
             raise BadRecordError(where, str(err), kind) from None

@@ -89,9 +89,16 @@ def record_to_messages(
             pairs = [(prompts.CAPTION_TO_BOX.format(text=item["expression"]), box_text(item)) for item in items]
     else:
         raise ValueError(f"record {record.get('id')!r}: unknown task {task!r}")
+    if not pairs and directions != "both":
+        raise NoTurnsInDirection(f"no {directions} turn: every text of this {task} record names several boxes, "
+                                 "which cannot be asked text -> box")
     if rng is not None:
         rng.shuffle(pairs)
     return _qa_messages(pairs, num_images)
+
+
+class NoTurnsInDirection(ValueError):
+    """A region record that has no turn in the one direction asked for (not bad data: it fits the other one)."""
 
 
 def _subset(items: list[dict[str, Any]], limit: int | None, rng: random.Random | None) -> list[dict[str, Any]]:
@@ -167,4 +174,4 @@ def _split_images(text: str) -> list[dict[str, str]]:
     return content
 
 
-__all__ = ["REGION_DIRECTIONS", "record_images", "record_to_messages"]
+__all__ = ["REGION_DIRECTIONS", "NoTurnsInDirection", "record_images", "record_to_messages"]

@@ -339,6 +339,8 @@ class TrainStream:
                                     f"{log.path or 'bad_records.jsonl'}")
                 return None
             log.records_read += 1
+            if result.outside_direction:  # a record of the other region direction (train.phases / data.region_directions)
+                continue
             if result.known_too_long:
                 log.records_skipped += 1  # reported when first met; neither decoded nor tokenized again
             elif (error := result.error) is not None:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..data import BadRecordError
-from ..data.collator import EncodedSample, SampleEncoder
+from ..data.collator import EncodedSample, RecordOutsideDirection, SampleEncoder
 
 
 @dataclass
@@ -39,6 +39,7 @@ class RecordResult:
     error_reason: str | None = None  # a `BadRecordError`, as its fields
     error_kind: str | None = None
     known_too_long: bool = False  # met before as too long: skipped without decoding or tokenizing
+    outside_direction: bool = False  # no turn in the region directions in force: passed over, not bad data
 
     @property
     def error(self) -> BadRecordError | None:
@@ -120,6 +121,8 @@ class EncodedRecords(IterableDataset):
             return RecordResult(location, known_too_long=True)
         try:
             sample = self.encoder.encode_record(record, location, epoch=self.passes)
+        except RecordOutsideDirection:
+            return RecordResult(location, outside_direction=True)
         except BadRecordError as error:
             if error.kind == "too long":
                 self.too_long.add(location)
