@@ -60,7 +60,7 @@ def test_data_sources_are_typed_and_round_trip(tmp_path, monkeypatch):
     )
     assert config.data.eval == JsonlSourceConfig(str(tmp_path / "e.jsonl"))
     saved = config_to_dict(config)["data"]
-    assert saved["eval"] == {"type": "jsonl", "path": str(tmp_path / "e.jsonl"), "image_root": None}
+    assert saved["eval"] == {"type": "jsonl", "path": str(tmp_path / "e.jsonl"), "image_root": None, "tasks": None}
     assert saved["train"]["type"] == "mixture" and saved["train"]["sources"][1]["type"] == "hf"
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config

@@ -175,8 +175,8 @@ def test_checkpoints_are_atomic_verified_and_pruned(tmp_path, monkeypatch):
             save(2, {"samples_seen": 2}, {"position": 2})
     latest, skipped = newest_intact(list_checkpoints(tmp_path / "checkpoints"))
     assert latest.name == "checkpoint-00000001" and not skipped
-    trainer_state, data_state = manager.load(latest, model, optimizer)
-    assert trainer_state["step"] == 1 and trainer_state["run_id"] == "run-a" and data_state == {"position": 1}
+    trainer_state, data_states = manager.load(latest, model, optimizer)
+    assert trainer_state["step"] == 1 and trainer_state["run_id"] == "run-a" and data_states == [{"position": 1}]
     torch.testing.assert_close(model.weight.detach(), saved)
 
     other = CheckpointManager(accelerator, tmp_path, keep_last=1, run_id="run-b")
