@@ -186,3 +186,17 @@ def test_a_record_without_turns_in_the_direction_is_passed_over_not_counted_bad(
     step = stream.next_step()
     assert step.stop_reason is None and step.num_samples == 2  # the usable record, twice (two passes)
     assert log.count == 0 and log.records_skipped == 0
+
+
+def test_self_distillation_on_two_processes_matches_one_process(stage3_data, tmp_path):
+    """The distillation term is a mean over every box of the global batch, whichever rank holds the box; each rank's
+    EMA teacher follows the same synchronised student."""
+    common = ("train.max_steps=3", "train.log_every=1", "train.global_batch_size=4", "train.micro_batch_size=1")
+    _run(_launch_cmd(_phase("tiny_cpu_granvit_phase1.yaml", stage3_data, tmp_path / "one", *common)))
+    _run(_launch_cmd(_phase("tiny_cpu_granvit_phase1.yaml", stage3_data, tmp_path / "two", *common), processes=2))
+    one, two = ({m["step"]: m for m in _metrics(tmp_path / name) if "distill_loss" in m} for name in ("one", "two"))
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step]["distill_loss"] == pytest.approx(one[step]["distill_loss"], abs=1e-5), step
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5), step
+        assert two[step]["distill_regions"] == one[step]["distill_regions"]
