@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sharded_checkpoint import ShardedCheckpointError, load_sharded, save_sharded
+from .sharded_checkpoint import MODEL_STEM, ShardedCheckpointError, load_sharded, read_full_state, save_sharded
 
 
 logger = logging.getLogger(__name__)
@@ -245,21 +245,29 @@ def _weight_files(path: Path, stem: str) -> list[Path]:
 def load_weights(model: torch.nn.Module, path: Path, trainable_only: bool) -> None:
     """Load a checkpoint's safetensors into `model`; every expected tensor must be there, with its shape.
 
-    Full fine-tune checkpoints may omit tied weights (saved once); LoRA checkpoints hold the trainable tensors.
+    Full fine-tune checkpoints may omit tied weights (saved once); LoRA checkpoints hold the trainable tensors; FSDP2
+    checkpoints hold every rank's shards, assembled here into the full tensors.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    stem = "trainable" if trainable_only else "model"
-    files = _weight_files(path, stem)
-    if not files:
-        raise CheckpointError(f"{path} has no {stem}.safetensors")
     state: dict[str, torch.Tensor] = {}
-    for file in files:
+    if _saved_layout(path) == "fsdp":
+        files = [path / "sharded"]
         try:
-            state.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"{file}: cannot read safetensors ({error})") from None
+            state = read_full_state(files[0], MODEL_STEM)
+        except ShardedCheckpointError as error:
+            raise CheckpointError(str(error)) from None
+    else:
+        stem = "trainable" if trainable_only else "model"
+        files = _weight_files(path, stem)
+        if not files:
+            raise CheckpointError(f"{path} has no {stem}.safetensors")
+        for file in files:
+            try:
+                state.update(load_file(str(file)))
+            except (SafetensorError, OSError, ValueError) as error:
+                raise CheckpointError(f"{file}: cannot read safetensors ({error})") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad} if trainable_only else set(model.state_dict())
     unexpected = sorted(set(state) - set(model.state_dict()))

@@ -160,21 +160,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
 
         model, processor, base_path = build_encoder_stage_model(config, accelerator)
     model = prepare_trainable(model, config)
-    if (path / "sharded").is_dir():  # FSDP2: the full tensors assembled from every rank's file
-        from .sharded_checkpoint import MODEL_STEM, ShardedCheckpointError, read_full_state
-
-        try:
-            full = read_full_state(path / "sharded", MODEL_STEM)
-        except ShardedCheckpointError as error:
-            raise CheckpointError(str(error)) from None
-        missing, unexpected = model.load_state_dict(full, strict=False)
-        if state.get("trainable_only"):  # LoRA: the frozen base comes from model.path
-            missing = []
-        if missing or unexpected:
-            raise CheckpointError(f"{path / 'sharded'}: tensors that do not match the model (missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]})")
-    else:
-        load_weights(model, path, state.get("trainable_only", False))
+    load_weights(model, path, state.get("trainable_only", False))  # FSDP2 shard files are assembled by it
     logger.info("exporting %s (step %d)", path, state["step"])
     return export_model(accelerator, config, model, processor, base_path, str(out_dir))
 

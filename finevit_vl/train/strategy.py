@@ -25,11 +25,16 @@ MULTI_PROCESS_COMMAND = "accelerate launch --multi_gpu --num_processes {n} -m fi
 REQUESTED_BY_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
 
 
+def _asked(strategy: str, env: Mapping[str, str]) -> bool:
+    """Whether the launcher's environment asks for `strategy` ("FSDP" or "DEEPSPEED")."""
+    return env.get(REQUESTED_BY_ENV[strategy], "").lower() == "true"
+
+
 def cpu_accelerator_kwargs(env: Mapping[str, str] | None = None) -> dict:
     """`Accelerator` arguments on a machine without accelerators: gloo processes on CPU; for a DeepSpeed launch,
     DeepSpeed's own CPU accelerator over gloo."""
     env = os.environ if env is None else env
-    if env.get(REQUESTED_BY_ENV["DEEPSPEED"], "").lower() == "true":
+    if _asked("DEEPSPEED", env):
         from accelerate.utils import InitProcessGroupKwargs
 
         return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
@@ -56,7 +61,7 @@ def check_fsdp_version_on_cpu(env: Mapping[str, str] | None = None) -> None:
     machine without accelerators only FSDP2 is offered."""
     env = os.environ if env is None else env
     version = env.get("FSDP_VERSION", "1")  # Accelerate's default
-    if env.get(REQUESTED_BY_ENV["FSDP"], "").lower() == "true" and version != "2":
+    if _asked("FSDP", env) and version != "2":
         raise ValueError(
             f"the launch asked for FSDP version {version}, which needs accelerator devices; on CPU processes "
             "FineViT-VL runs FSDP2 (fsdp_version: 2, e.g. train_configs/accelerate/fsdp2.yaml)"
@@ -68,8 +73,7 @@ def enable_fsdp2_on_cpu(accelerator, env: Mapping[str, str] | None = None) -> bo
     with the launch's plugin; returns whether it did. Anything else is left for `check_strategy` to judge."""
     env = os.environ if env is None else env
     state = accelerator.state
-    asked = env.get(REQUESTED_BY_ENV["FSDP"], "").lower() == "true"
-    if not asked or accelerator.device.type != "cpu" or state.distributed_type.name != "MULTI_CPU":
+    if not _asked("FSDP", env) or accelerator.device.type != "cpu" or state.distributed_type.name != "MULTI_CPU":
         return False
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -104,7 +108,7 @@ def check_strategy(accelerator, env: Mapping[str, str] | None = None) -> str:
             f"`{MULTI_PROCESS_COMMAND.format(n=launched)}` (on CPU-only machines this runs gloo processes)"
         )
     for strategy, variable in REQUESTED_BY_ENV.items():
-        if env.get(variable, "").lower() == "true" and in_force != strategy:
+        if _asked(strategy, env) and in_force != strategy:
             raise ValueError(
                 f"the launch asked for {strategy} ({variable}=true) but {in_force} is in force"
                 + (" (Accelerate enables FSDP / DeepSpeed only on accelerator devices, and this machine has none)"
