@@ -432,7 +432,7 @@ def _resume_elsewhere(source_run: Path, step: int, tmp_path: Path, processes: in
 
 
 @pytest.mark.parametrize("saved_by, resumed_on", [("fsdp2 x2", "1 process"), ("1 process", "ddp x2"),
-                                                  ("ddp x2", "1 process")])
+                                                  ("ddp x2", "1 process"), ("1 process", "fsdp2 x2")])
 def test_a_checkpoint_resumes_on_another_number_of_processes(reference_run, fsdp_run, data, base, tmp_path,
                                                              saved_by, resumed_on):
     """The global batch and the sample order are kept, so the resumed steps have the uninterrupted run's losses."""
@@ -442,7 +442,8 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(reference_run, fsdp
         source = tmp_path / "saved"
         _run(_launch_cmd(_reference_args(data, base, source, "train.checkpoint_every=2", "train.keep_last=3",
                                          "train.stop_after_steps=4"), processes=1 if saved_by == "1 process" else 2))
-    run_dir = _resume_elsewhere(source, 2, tmp_path, 1 if resumed_on == "1 process" else 2, None, data, base)
+    run_dir = _resume_elsewhere(source, 2, tmp_path, 1 if resumed_on == "1 process" else 2,
+                                "fsdp2.yaml" if resumed_on == "fsdp2 x2" else None, data, base)
     resumed, reference = _step_losses(run_dir), _step_losses(reference_run)
     assert sorted(resumed) == list(range(1, 7))
     for step in range(3, 7):

@@ -43,7 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sharded_checkpoint import MODEL_STEM, ShardedCheckpointError, load_sharded, read_full_state, save_sharded
+from .sharded_checkpoint import (
+    MODEL_STEM,
+    ShardedCheckpointError,
+    load_full_state,
+    load_sharded,
+    read_full_state,
+    save_sharded,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -242,11 +249,12 @@ def _weight_files(path: Path, stem: str) -> list[Path]:
     return [single] if single.exists() else []
 
 
-def load_weights(model: torch.nn.Module, path: Path, trainable_only: bool) -> None:
-    """Load a checkpoint's safetensors into `model`; every expected tensor must be there, with its shape.
+def read_checked_weights(model: torch.nn.Module, path: Path, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """A checkpoint's full tensors for `model`, checked: every expected tensor is there, with its shape.
 
     Full fine-tune checkpoints may omit tied weights (saved once); LoRA checkpoints hold the trainable tensors; FSDP2
-    checkpoints hold every rank's shards, assembled here into the full tensors.
+    checkpoints hold every rank's shards, assembled here into the full tensors. `model` may itself be sharded by
+    FSDP2 (its state dict then has the global shapes).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -268,22 +276,27 @@ def load_weights(model: torch.nn.Module, path: Path, trainable_only: bool) -> No
                 state.update(load_file(str(file)))
             except (SafetensorError, OSError, ValueError) as error:
                 raise CheckpointError(f"{file}: cannot read safetensors ({error})") from None
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad} if trainable_only else set(model.state_dict())
-    unexpected = sorted(set(state) - set(model.state_dict()))
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights: one Parameter, several names
+    own = model.state_dict()
+    expected = {n for n, p in params.items() if p.requires_grad} if trainable_only else set(own)
+    unexpected = sorted(set(state) - set(own))
     if unexpected:
         raise CheckpointError(f"{files[0]}: tensors the model does not have: {unexpected[:5]}")
-    loaded_ptrs = {params[n].data_ptr() for n in state if n in params}
-    missing = sorted(n for n in expected - set(state) if not (n in params and params[n].data_ptr() in loaded_ptrs))
+    loaded = {id(params[n]) for n in state if n in params}
+    missing = sorted(n for n in expected - set(state) if not (n in params and id(params[n]) in loaded))
     if missing:
         raise CheckpointError(f"{files[0]}: missing tensor(s) {missing[:5]} (of {len(missing)}); not resuming with "
                               "randomly initialised weights")
-    own = model.state_dict()
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
             raise CheckpointError(f"{files[0]}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                                   f"{tuple(own[name].shape)}")
-    model.load_state_dict(state, strict=False)
+    return state
+
+
+def load_weights(model: torch.nn.Module, path: Path, trainable_only: bool) -> None:
+    """Load a checkpoint's safetensors into a plain (unsharded) `model`, checked as `read_checked_weights` does."""
+    model.load_state_dict(read_checked_weights(model, path, trainable_only), strict=False)
 
 
 def save_weights(model: torch.nn.Module, state_dict: dict, processor, folder: Path, trainable_only: bool) -> None:
@@ -487,8 +500,8 @@ class CheckpointManager:
         saved_world, world = state["world_size"], accelerator.num_processes
         layout = _saved_layout(path)
         in_force = accelerator.distributed_type.name
-        # FSDP2 shard files also load into one process / DDP; a full folder does not shard itself into FSDP2.
-        loadable = {"DEEPSPEED": ("deepspeed",), "FSDP": ("fsdp",)}.get(in_force, ("full", "fsdp"))
+        # FSDP2 shard files and full folders load into FSDP2, one process and DDP alike; DeepSpeed reads its own.
+        loadable = {"DEEPSPEED": ("deepspeed",)}.get(in_force, ("full", "fsdp"))
         if layout not in loadable:
             raise CheckpointError(
                 f"{path} was saved {_LAYOUT_WORDS[layout]} but this run is {in_force}; resume with the strategy it was "
@@ -510,7 +523,7 @@ class CheckpointManager:
             if loaded is None:
                 raise CheckpointError(f"{path / 'sharded'}: DeepSpeed found no engine state to load")
         else:
-            load_weights(accelerator.unwrap_model(model), path, state.get("trainable_only", False))
+            trainable_only = state.get("trainable_only", False)
             inner = getattr(optimizer, "optimizer", optimizer)
             saved = load_optimizer_state(path, accelerator.device)
             names = [group.get("name") for group in inner.param_groups]
@@ -518,8 +531,12 @@ class CheckpointManager:
             if names != saved_names:
                 raise CheckpointError(f"{path / 'optimizer.pt'}: parameter groups {saved_names}, this run has {names}")
             try:
-                inner.load_state_dict(saved)
-            except ValueError as error:  # torch: "... parameter group that doesn't match the size of optimizer's group"
+                if in_force == "FSDP":  # an unsharded checkpoint into FSDP2: each rank keeps its shards of it
+                    load_full_state(model, inner, read_checked_weights(model, path, trainable_only), saved, trainable_only)
+                else:
+                    load_weights(accelerator.unwrap_model(model), path, trainable_only)
+                    inner.load_state_dict(saved)
+            except (ValueError, ShardedCheckpointError) as error:  # torch: "... group that doesn't match the size ..."
                 raise CheckpointError(
                     f"{path / 'optimizer.pt'}: its parameter groups hold other parameters than this run trains ({error}); "
                     "the freeze policy (modules.*.train) differs from the run that saved it"
@@ -557,6 +574,7 @@ __all__ = [
     "new_run_id",
     "newest_intact",
     "prune",
+    "read_checked_weights",
     "read_run_id",
     "read_state",
     "remove_tree",

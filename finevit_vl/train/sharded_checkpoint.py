@@ -10,8 +10,9 @@ mesh shards every parameter that way, rank r holding chunk r of `torch.chunk`) o
 
 Resuming on the same world size, each rank reads its own file and the shards go back in place. On another world
 size, or to export a checkpoint without launching its processes, the full tensors are assembled from every rank's
-file (chunks concatenated in rank order, checked against the global shape) and handed to `set_*_state_dict`, which
-shards them for the new mesh.
+file (chunks concatenated in rank order, checked against the global shape) and each rank cuts its own shards for
+the new mesh before `set_*_state_dict`. An unsharded checkpoint (one process / DDP) goes into FSDP2 the same way
+(`load_full_state`): every rank reads the full tensors, so each needs the memory of one full copy while it loads.
 
 Why not torch's DCP file format: its `.metadata` is a pickle, and a FineViT-VL checkpoint unpickles nothing
 (`finevit_vl.train.checkpoint`).
@@ -154,36 +155,96 @@ def _own_state(folder: Path, stem: str, rank: int, world: int, templates: dict) 
     return state
 
 
+def _placed_like(state: dict, templates: dict) -> dict:
+    """A full flat state with each tensor cut to this rank's shard of its template's placement (every rank holds
+    the full tensors, so no communication; torch's `full_state_dict` loading would broadcast them instead)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    placed = {}
+    for key, value in state.items():
+        template = templates.get(key)
+        if isinstance(template, DTensor) and isinstance(value, torch.Tensor) and value.shape == template.shape:
+            value = distribute_tensor(value.to(template.device, template.dtype), template.device_mesh,
+                                      template.placements, src_data_rank=None)
+        placed[key] = value
+    return placed
+
+
+def _optimizer_templates(keys, model_templates: dict) -> dict:
+    """An optimizer moment is placed like its parameter: "state.<fqn>.<name>"."""
+    return {key: model_templates.get(key.removeprefix("state.").rsplit(".", 1)[0]) for key in keys}
+
+
+def _set_fsdp_state(model, optimizer, model_state: dict, optimizer_state: dict, trainable_only: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    options = _options(strict=not trainable_only)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
 def load_sharded(model, optimizer, folder: Path, rank: int, world: int, trainable_only: bool = False) -> None:
     """Restore `model` and `optimizer` from `folder`, written by any number of ranks: into FSDP2 on any world size
     (collective), or into a plain module (one process, or each DDP rank)."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    saved_world = saved_world_size(folder)
-    if saved_world == world and isinstance(model, FSDPModule):
-        templates = get_model_state_dict(model, options=_options())
+    if not isinstance(model, FSDPModule):  # torch's flattened optimizer form does not load into a plain module's
+        model.load_state_dict(read_full_state(folder, MODEL_STEM), strict=not trainable_only)
+        optimizer.load_state_dict(_by_parameter_index(read_full_state(folder, OPTIMIZER_STEM), model, optimizer))
+        return
+    templates = get_model_state_dict(model, options=_options())
+    if saved_world_size(folder) == world:
         model_state = _own_state(folder, MODEL_STEM, rank, world, templates)
-        # An optimizer moment is placed like its parameter: "state.<fqn>.<name>".
-        optimizer_templates = {}
-        for key in _read(folder / _NAME.format(stem=OPTIMIZER_STEM, rank=rank, world=world))[1]:
-            fqn = key.removeprefix("state.").rsplit(".", 1)[0]
-            optimizer_templates[key] = templates.get(fqn)
-        optimizer_state = _own_state(folder, OPTIMIZER_STEM, rank, world, optimizer_templates)
-        options = _options(strict=not trainable_only)
-    else:  # another world size: every rank assembles the full tensors, torch shards them for this mesh
-        model_state = read_full_state(folder, MODEL_STEM)
-        optimizer_state = read_full_state(folder, OPTIMIZER_STEM)
-        options = _options(full_state_dict=True, strict=not trainable_only)
-    set_model_state_dict(model, model_state, options=options)
-    if isinstance(model, FSDPModule):
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-    else:  # torch's flattened form does not load into a plain module's optimizer: its own format does
-        optimizer.load_state_dict(_by_parameter_index(optimizer_state, model, optimizer))
+        optimizer_keys = _read(folder / _NAME.format(stem=OPTIMIZER_STEM, rank=rank, world=world))[1]
+        optimizer_state = _own_state(folder, OPTIMIZER_STEM, rank, world, _optimizer_templates(optimizer_keys, templates))
+    else:  # another world size: every rank assembles the full tensors and keeps its shards of them
+        model_state = _placed_like(read_full_state(folder, MODEL_STEM), templates)
+        full_optimizer = read_full_state(folder, OPTIMIZER_STEM)
+        optimizer_state = _placed_like(full_optimizer, _optimizer_templates(full_optimizer, templates))
+    _set_fsdp_state(model, optimizer, model_state, optimizer_state, trainable_only)
+
+
+def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, trainable_only: bool = False) -> None:
+    """An unsharded checkpoint (full tensors keyed by name, and `optimizer.state_dict()` as saved by one process or
+    DDP) into the FSDP2 `model` and its `optimizer` (collective): every rank reads the full state and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model_state = dict(model_state)
+    by_parameter: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):  # tied weights are saved under one name
+        if name in model_state:
+            by_parameter.setdefault(id(parameter), name)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name not in model_state and id(parameter) in by_parameter:
+            model_state[name] = model_state[by_parameter[id(parameter)]]
+    templates = get_model_state_dict(model, options=_options())
+    flat_optimizer = _by_parameter_name(optimizer_state, model, optimizer)
+    _set_fsdp_state(model, optimizer, _placed_like(model_state, templates),
+                    _placed_like(flat_optimizer, _optimizer_templates(flat_optimizer, templates)), trainable_only)
+
+
+def _by_parameter_name(saved: dict, model, optimizer) -> dict:
+    """`optimizer.state_dict()` (parameters numbered in the order of the groups) in torch's flat form keyed by
+    parameter name, `{"state.<fqn>.<name>": ..., "param_groups.<fqn>.<key>": ...}`: the inverse of
+    `_by_parameter_index`."""
+    names = {parameter: name for name, parameter in model.named_parameters()}
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise ShardedCheckpointError(f"{len(saved['param_groups'])} saved parameter groups, "
+                                     f"this run has {len(optimizer.param_groups)}")
+    flat: dict = {}
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        if len(group["params"]) != len(saved_group["params"]):
+            raise ShardedCheckpointError(f"group {group.get('name')!r} holds {len(saved_group['params'])} saved "
+                                         f"parameters, this run has {len(group['params'])}")
+        settings = {key: value for key, value in saved_group.items() if key != "params"}
+        for parameter, index in zip(group["params"], saved_group["params"]):
+            fqn = names[parameter]
+            for key, value in saved["state"].get(index, {}).items():
+                flat[f"state.{fqn}.{key}"] = value
+            for key, value in settings.items():
+                flat[f"param_groups.{fqn}.{key}"] = value
+    return flat
 
 
 def _by_parameter_index(flat: dict, model, optimizer) -> dict:
@@ -206,4 +267,4 @@ def _by_parameter_index(flat: dict, model, optimizer) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-__all__ = ["ShardedCheckpointError", "load_sharded", "read_full_state", "save_sharded", "saved_world_size"]
+__all__ = ["ShardedCheckpointError", "load_full_state", "load_sharded", "read_full_state", "save_sharded", "saved_world_size"]
