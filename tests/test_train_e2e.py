@@ -463,7 +463,10 @@ def test_an_fsdp2_checkpoint_exports_without_its_processes(fsdp_run, tmp_path):
 def test_deepspeed_on_two_cpu_processes_matches_one_process_resumes_and_exports(reference_run, data, base, tmp_path,
                                                                                 config_file):
     """DeepSpeed's CPU accelerator over gloo, launched with the shipped config: stopped at step 3 with a checkpoint
-    in the engine's format, resumed, exported (ZeRO-3: the partitions gathered into a normal checkpoint)."""
+    in the engine's format, resumed, exported (ZeRO-3: the partitions gathered into a normal checkpoint). A copy
+    resumes on 1 process through DeepSpeed's universal format (ZeRO-2), or is refused with the reason (ZeRO-3)."""
+    import shutil
+
     from transformers import AutoModelForImageTextToText
 
     import finevit_vl  # noqa: F401
@@ -473,6 +476,19 @@ def test_deepspeed_on_two_cpu_processes_matches_one_process_resumes_and_exports(
                                config_file=config_file))
     assert "distributed strategy: DEEPSPEED over gloo, 2 process(es)" in stopped.stderr
     assert (run_dir / "checkpoints" / "checkpoint-00000003" / "sharded" / "engine").is_dir()
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    on_one = _run(_launch_cmd(_reference_args(data, base, moved), processes=1, config_file=config_file),
+                  check=config_file == "deepspeed_zero2.yaml")
+    if config_file == "deepspeed_zero2.yaml":
+        assert "loaded through its universal copy" in on_one.stderr
+        resumed, reference = _step_losses(moved), _step_losses(reference_run)
+        assert sorted(resumed) == list(range(1, 7))
+        for step in range(4, 7):
+            assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+    else:
+        assert on_one.returncode != 0 and "ZeRO-3 checkpoints resume on the same number of processes" in on_one.stderr
     _run(_launch_cmd(_reference_args(data, base, run_dir), processes=2, config_file=config_file))
     one, two = _step_losses(reference_run), _step_losses(run_dir)
     assert sorted(two) == list(range(1, 7))

@@ -9,6 +9,7 @@ Layout::
         optimizer.pt                                      tensors and plain values only, loaded with weights_only=True
         sharded/{model,optimizer}-rankR-of-W.safetensors  FSDP2 instead: each rank's shards (`sharded_checkpoint`)
         sharded/engine/                                   DeepSpeed instead: the engine's partitioned files
+    run_dir/deepspeed_universal/checkpoint-N-<digest>/   DeepSpeed's universal copy, made to resume on another world size
         rng_rank{rank}.json, data_state_rank{rank}.json   RNG and data position of every rank
         run_config.yaml                                   the resolved training config in force
         trainer_state.json                                step, counters, run id, size + sha256 of every file; last
@@ -43,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .deepspeed_checkpoint import convert_to_universal, load_universal, saved_by_zero3, universal_folder
 from .sharded_checkpoint import (
     MODEL_STEM,
     ShardedCheckpointError,
@@ -491,6 +493,33 @@ class CheckpointManager:
             logger.info("saved checkpoint %s", final)
         return final
 
+    def _load_deepspeed_universal(self, path: Path, engine, saved_world: int) -> None:
+        """A DeepSpeed checkpoint of `saved_world` processes into this run's engine on another number: rank 0
+        converts it to DeepSpeed's universal format (once), every rank loads that."""
+        accelerator = self.accelerator
+        engine_dir = path / "sharded" / DEEPSPEED_TAG
+        if engine.zero_optimization_partition_weights() or saved_by_zero3(engine_dir):
+            raise CheckpointError(
+                f"{path} was saved by DeepSpeed on {saved_world} processes, this run has {accelerator.num_processes}: "
+                "ZeRO-3 checkpoints resume on the same number of processes (DeepSpeed's universal conversion of ZeRO-3 "
+                "keeps no AdamW step count: resumed losses left the uninterrupted run's by 0.1 from the second step); "
+                f"resume on {saved_world}, or export it (`finevit-vl export {path} --out DIR`) and start from the export"
+            )
+        error: Exception | None = None
+        if accelerator.is_main_process:
+            try:
+                convert_to_universal(engine_dir, path)
+            except (OSError, RuntimeError) as err:
+                error = err
+        if not self._all_ok(error is None):
+            raise CheckpointError(f"{path} was saved by DeepSpeed on {saved_world} processes, this run has "
+                                  f"{accelerator.num_processes}, and converting it to DeepSpeed's universal format "
+                                  f"failed: {error or 'on rank 0'}")
+        logger.info("DeepSpeed checkpoint of %d process(es) loaded through its universal copy %s", saved_world,
+                    universal_folder(path))
+        if not load_universal(engine, universal_folder(path)):
+            raise CheckpointError(f"{universal_folder(path)}: DeepSpeed found no universal state to load")
+
     def load(self, path: Path, model, optimizer) -> tuple[dict, list[dict]]:
         """Restore weights, optimizer and RNG from a verified checkpoint; returns `(trainer_state, data_states)`
         with the data state of every rank that saved it, in rank order."""
@@ -514,10 +543,9 @@ class CheckpointManager:
                              accelerator.process_index, world, state.get("trainable_only", False))
             except ShardedCheckpointError as error:
                 raise CheckpointError(str(error)) from None
+        elif layout == "deepspeed" and saved_world != world:  # the partitions merged once, then read on any world
+            self._load_deepspeed_universal(path, model, saved_world)
         elif layout == "deepspeed":
-            if saved_world != world:
-                raise CheckpointError(f"{path} was saved by DeepSpeed on {saved_world} processes, this run has {world}: "
-                                      "DeepSpeed checkpoints resume on the same number of processes")
             loaded, _ = model.load_checkpoint(str(path / "sharded"), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
             if loaded is None:
