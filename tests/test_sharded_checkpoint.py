@@ -1,7 +1,7 @@
 """FSDP2 shard files read back on other world sizes, and unsharded states loaded into FSDP2: exact, on gloo ranks.
 
-A toy model with uneven row counts (7 rows: 4 + 3 on two ranks, 3 + 3 + 1 on three) and a tied weight takes one
-AdamW step; whatever writes its state and whatever reads it, the parameters and both AdamW moments that come back are
+A toy model with uneven row counts (7 rows: 4 + 3 on two ranks, 3 + 3 + 1 on three), a tied weight and a parameter
+that never gets a gradient takes one AdamW step; whatever writes its state and whatever reads it, the parameters and both AdamW moments that come back are
 the ones written, bit for bit, and the optimizer goes on from them.
 """
 
@@ -13,7 +13,13 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from finevit_vl.train.sharded_checkpoint import load_full_state, load_sharded, save_sharded, saved_world_size
+from finevit_vl.train.sharded_checkpoint import (
+    load_full_model_state,
+    load_full_optimizer_state,
+    load_sharded,
+    save_sharded,
+    saved_world_size,
+)
 
 
 class _Toy(nn.Module):
@@ -24,6 +30,7 @@ class _Toy(nn.Module):
         self.back = nn.Linear(7, 5)
         self.head = nn.Linear(5, 7, bias=False)
         self.head.weight = self.embed.weight  # tied, as an LLM's embeddings and LM head
+        self.unused = nn.Linear(3, 3)  # trainable but never in the forward: no gradient, no optimizer state
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.back(torch.tanh(self.hidden(self.embed(ids)))))).square().mean()
@@ -47,7 +54,8 @@ def _plain_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     names = {parameter: name for name, parameter in model.named_parameters()}
     for parameter, moments in optimizer.state.items():
         for key in ("exp_avg", "exp_avg_sq"):
-            state[f"{key}.{names[parameter]}"] = moments[key].clone()
+            if key in moments:  # not for a parameter that has had no gradient yet
+                state[f"{key}.{names[parameter]}"] = moments[key].clone()
     return state
 
 
@@ -90,8 +98,11 @@ def _worker(rank: int, world: int, init_file: str, job: str, folder: str, out: s
                 load_sharded(model, optimizer, Path(folder), rank, world)
             else:
                 plain = torch.load(Path(folder) / "plain.pt", weights_only=True)
-                load_full_state(model, optimizer, plain["model"], plain["optimizer"])
+                load_full_model_state(model, plain["model"])
+                load_full_optimizer_state(model, optimizer, plain["optimizer"])
         state = _full_state(model, optimizer)
+        if job != "train_and_save":
+            _step(model, optimizer)  # training goes on from the loaded state
         if rank == 0:
             torch.save(state, out)
     finally:
@@ -142,5 +153,12 @@ def test_an_unsharded_state_loads_into_fsdp2(tmp_path):
     model, optimizer = _trained(seed=0)
     _step(model, optimizer)
     state = {key: value for key, value in model.state_dict().items() if key != "head.weight"}  # tied: saved once
+    assert model.unused.weight not in optimizer.state
     torch.save({"model": state, "optimizer": optimizer.state_dict()}, tmp_path / "plain.pt")
-    _assert_same(_launch(tmp_path, 2, "load_full_state", tmp_path), _plain_state(model, optimizer))
+    loaded = _launch(tmp_path, 2, "load_full_state", tmp_path)
+    # The parameter without saved state starts as AdamW starts it (no state, or zero moments); the step after
+    # loading ran in the worker.
+    for name in ("unused.weight", "unused.bias"):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert not loaded.pop(f"{key}.{name}", torch.zeros(1)).any()
+    _assert_same(loaded, _plain_state(model, optimizer))

@@ -463,8 +463,9 @@ def test_an_fsdp2_checkpoint_exports_without_its_processes(fsdp_run, tmp_path):
 def test_deepspeed_on_two_cpu_processes_matches_one_process_resumes_and_exports(reference_run, data, base, tmp_path,
                                                                                 config_file):
     """DeepSpeed's CPU accelerator over gloo, launched with the shipped config: stopped at step 3 with a checkpoint
-    in the engine's format, resumed, exported (ZeRO-3: the partitions gathered into a normal checkpoint). A copy
-    resumes on 1 process through DeepSpeed's universal format (ZeRO-2), or is refused with the reason (ZeRO-3)."""
+    in the engine's format, exported from that checkpoint, resumed, exported at the end (ZeRO-3: the partitions
+    gathered into a normal checkpoint). A copy resumes on 1 process through DeepSpeed's universal format (ZeRO-2), or
+    is refused with the reason (ZeRO-3)."""
     import shutil
 
     from transformers import AutoModelForImageTextToText
@@ -476,13 +477,18 @@ def test_deepspeed_on_two_cpu_processes_matches_one_process_resumes_and_exports(
                                config_file=config_file))
     assert "distributed strategy: DEEPSPEED over gloo, 2 process(es)" in stopped.stderr
     assert (run_dir / "checkpoints" / "checkpoint-00000003" / "sharded" / "engine").is_dir()
+    exported = tmp_path / "export-step3"  # DeepSpeed's zero_to_fp32 gathers the weights of any stage
+    _run([sys.executable, "-m", "finevit_vl.cli", "export", str(run_dir / "checkpoints" / "checkpoint-00000003"),
+          "--out", str(exported)])
+    AutoModelForImageTextToText.from_pretrained(exported)
 
     moved = tmp_path / "moved"
     shutil.copytree(run_dir, moved)
     on_one = _run(_launch_cmd(_reference_args(data, base, moved), processes=1, config_file=config_file),
                   check=config_file == "deepspeed_zero2.yaml")
     if config_file == "deepspeed_zero2.yaml":
-        assert "loaded through its universal copy" in on_one.stderr
+        assert "loaded through its universal format" in on_one.stderr
+        assert not (moved / "deepspeed_universal").exists()  # DeepSpeed's pickled copy is not kept
         resumed, reference = _step_losses(moved), _step_losses(reference_run)
         assert sorted(resumed) == list(range(1, 7))
         for step in range(4, 7):

@@ -9,20 +9,21 @@ Layout::
         optimizer.pt                                      tensors and plain values only, loaded with weights_only=True
         sharded/{model,optimizer}-rankR-of-W.safetensors  FSDP2 instead: each rank's shards (`sharded_checkpoint`)
         sharded/engine/                                   DeepSpeed instead: the engine's partitioned files
-    run_dir/deepspeed_universal/checkpoint-N-<digest>/   DeepSpeed's universal copy, made to resume on another world size
         rng_rank{rank}.json, data_state_rank{rank}.json   RNG and data position of every rank
         run_config.yaml                                   the resolved training config in force
         trainer_state.json                                step, counters, run id, size + sha256 of every file; last
 
 Nothing in a FineViT-VL checkpoint is unpickled, with one exception: DeepSpeed's own files (`sharded/engine/`), which
 DeepSpeed writes with `torch.save` of Python objects and reads with `weights_only=False`; they are read only after
-the manifest check, and only by a DeepSpeed run. Otherwise: weights are safetensors, the optimizer state goes through
+the manifest check, by a DeepSpeed run or by DeepSpeed's `zero_to_fp32` in `finevit-vl export` (and the universal
+copy a world-size change makes from them is made, read and removed within one resume: `deepspeed_checkpoint`). Otherwise: weights are safetensors, the optimizer state goes through
 `torch.load(weights_only=True)`, the rest is JSON / YAML, and a file that the manifest does not list is refused.
 The scheduler is not stored: it is a function of the step and the config, rebuilt on resume (so a deliberately
 changed learning rate takes effect).
 
-A checkpoint resumes on another number of processes (not DeepSpeed's): the weights and optimizer state are the
-same on every rank or resharded from the FSDP files, and every old rank's data position goes to the new stream
+A checkpoint resumes on another number of processes (DeepSpeed's: ZeRO-1/2, through DeepSpeed's universal format):
+the weights and optimizer state are the same on every rank or resharded from the FSDP files (an unsharded checkpoint
+into FSDP2 too), and every old rank's data position goes to the new stream
 (`TrainStream.continue_from`), which reads on without repeats or gaps.
 
 A save writes into `.tmp-checkpoint-N`, fsyncs every file, renames the folder and fsyncs the parent; a crash, a
@@ -44,11 +45,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .deepspeed_checkpoint import convert_to_universal, load_universal, saved_by_zero3, universal_folder
+from .deepspeed_checkpoint import (
+    UNIVERSAL_FOLDER,
+    clear,
+    convert_to_universal,
+    gathered_weights,
+    load_universal,
+    saved_by_zero3,
+    wait_for_conversion,
+)
 from .sharded_checkpoint import (
     MODEL_STEM,
     ShardedCheckpointError,
-    load_full_state,
+    load_full_model_state,
+    load_full_optimizer_state,
     load_sharded,
     read_full_state,
     save_sharded,
@@ -255,18 +265,25 @@ def read_checked_weights(model: torch.nn.Module, path: Path, trainable_only: boo
     """A checkpoint's full tensors for `model`, checked: every expected tensor is there, with its shape.
 
     Full fine-tune checkpoints may omit tied weights (saved once); LoRA checkpoints hold the trainable tensors; FSDP2
-    checkpoints hold every rank's shards, assembled here into the full tensors. `model` may itself be sharded by
+    checkpoints hold every rank's shards, assembled here into the full tensors; DeepSpeed's are gathered by DeepSpeed. `model` may itself be sharded by
     FSDP2 (its state dict then has the global shapes).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
-    if _saved_layout(path) == "fsdp":
+    layout = _saved_layout(path)
+    if layout == "fsdp":
         files = [path / "sharded"]
         try:
             state = read_full_state(files[0], MODEL_STEM)
         except ShardedCheckpointError as error:
+            raise CheckpointError(str(error)) from None
+    elif layout == "deepspeed":
+        files = [path / "sharded" / DEEPSPEED_TAG]
+        try:
+            state = gathered_weights(path / "sharded", DEEPSPEED_TAG)
+        except RuntimeError as error:
             raise CheckpointError(str(error)) from None
     else:
         stem = "trainable" if trainable_only else "model"
@@ -494,8 +511,8 @@ class CheckpointManager:
         return final
 
     def _load_deepspeed_universal(self, path: Path, engine, saved_world: int) -> None:
-        """A DeepSpeed checkpoint of `saved_world` processes into this run's engine on another number: rank 0
-        converts it to DeepSpeed's universal format (once), every rank loads that."""
+        """A DeepSpeed ZeRO-1/2 checkpoint of `saved_world` processes into this run's engine on another number: rank 0
+        converts it to DeepSpeed's universal format, every rank loads that, rank 0 removes it (`deepspeed_checkpoint`)."""
         accelerator = self.accelerator
         engine_dir = path / "sharded" / DEEPSPEED_TAG
         if engine.zero_optimization_partition_weights() or saved_by_zero3(engine_dir):
@@ -503,22 +520,68 @@ class CheckpointManager:
                 f"{path} was saved by DeepSpeed on {saved_world} processes, this run has {accelerator.num_processes}: "
                 "ZeRO-3 checkpoints resume on the same number of processes (DeepSpeed's universal conversion of ZeRO-3 "
                 "keeps no AdamW step count: resumed losses left the uninterrupted run's by 0.1 from the second step); "
-                f"resume on {saved_world}, or export it (`finevit-vl export {path} --out DIR`) and start from the export"
+                f"resume on {saved_world} processes, or export it (`finevit-vl export {path} --out DIR`: the weights, "
+                "without the optimizer state) and start a new run from the export"
             )
-        error: Exception | None = None
+        folder = self.folder.parent / UNIVERSAL_FOLDER
+        error: OSError | None = None
+        if accelerator.is_main_process:
+            clear(folder)
+            try:
+                folder.mkdir(parents=True)
+            except OSError as err:
+                error = err
+        if not self._all_ok(error is None):  # also the barrier: no rank reads a marker an earlier attempt left
+            raise CheckpointError(f"{folder}: cannot make the folder for DeepSpeed's universal copy ({error or 'rank 0'})")
+        failure: str | None = None
         if accelerator.is_main_process:
             try:
-                convert_to_universal(engine_dir, path)
+                convert_to_universal(engine_dir, folder)
             except (OSError, RuntimeError) as err:
-                error = err
-        if not self._all_ok(error is None):
+                failure = str(err)
+        else:
+            failure = wait_for_conversion(folder)
+        if failure is not None:  # every rank read it from the marker: no collective needed
             raise CheckpointError(f"{path} was saved by DeepSpeed on {saved_world} processes, this run has "
                                   f"{accelerator.num_processes}, and converting it to DeepSpeed's universal format "
-                                  f"failed: {error or 'on rank 0'}")
-        logger.info("DeepSpeed checkpoint of %d process(es) loaded through its universal copy %s", saved_world,
-                    universal_folder(path))
-        if not load_universal(engine, universal_folder(path)):
-            raise CheckpointError(f"{universal_folder(path)}: DeepSpeed found no universal state to load")
+                                  f"failed: {failure}")
+        if not load_universal(engine, folder):
+            raise CheckpointError(f"{folder}: DeepSpeed found no universal state to load")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            clear(folder)
+        logger.info("DeepSpeed checkpoint of %d process(es) loaded through its universal format", saved_world)
+
+    def _load_full(self, path: Path, model, optimizer, trainable_only: bool) -> None:
+        """A Hugging Face folder + `optimizer.pt` (one process / DDP) into one process, DDP or FSDP2."""
+        from torch.distributed.fsdp import FSDPModule
+
+        accelerator = self.accelerator
+        into_fsdp2 = _fsdp(accelerator)
+        if into_fsdp2 and not isinstance(model, FSDPModule):
+            raise CheckpointError(f"{path} was saved unsharded (one process / DDP) and this run is FSDP1, which does "
+                                  "not load it: use FSDP2 (fsdp_version: 2), or the strategy it was saved with")
+        inner = getattr(optimizer, "optimizer", optimizer)
+        # Into FSDP2 every rank reads the whole state: on the CPU, keeping only its shards on the device.
+        saved = load_optimizer_state(path, "cpu" if into_fsdp2 else accelerator.device)
+        names = [group.get("name") for group in inner.param_groups]
+        saved_names = [group.get("name") for group in saved["param_groups"]]
+        if names != saved_names:
+            raise CheckpointError(f"{path / 'optimizer.pt'}: parameter groups {saved_names}, this run has {names}")
+        if into_fsdp2:
+            load_full_model_state(model, read_checked_weights(model, path, trainable_only), trainable_only)
+        else:
+            load_weights(accelerator.unwrap_model(model), path, trainable_only)
+        try:
+            if into_fsdp2:
+                load_full_optimizer_state(model, inner, saved)
+            else:
+                inner.load_state_dict(saved)
+        except (ValueError, KeyError, ShardedCheckpointError) as error:  # torch: "... doesn't match the size ..."
+            raise CheckpointError(
+                f"{path / 'optimizer.pt'}: its parameter groups hold other parameters than this run trains ({error}); "
+                "the freeze policy (modules.*.train) differs from the run that saved it"
+            ) from None
 
     def load(self, path: Path, model, optimizer) -> tuple[dict, list[dict]]:
         """Restore weights, optimizer and RNG from a verified checkpoint; returns `(trainer_state, data_states)`
@@ -551,24 +614,7 @@ class CheckpointManager:
             if loaded is None:
                 raise CheckpointError(f"{path / 'sharded'}: DeepSpeed found no engine state to load")
         else:
-            trainable_only = state.get("trainable_only", False)
-            inner = getattr(optimizer, "optimizer", optimizer)
-            saved = load_optimizer_state(path, accelerator.device)
-            names = [group.get("name") for group in inner.param_groups]
-            saved_names = [group.get("name") for group in saved["param_groups"]]
-            if names != saved_names:
-                raise CheckpointError(f"{path / 'optimizer.pt'}: parameter groups {saved_names}, this run has {names}")
-            try:
-                if in_force == "FSDP":  # an unsharded checkpoint into FSDP2: each rank keeps its shards of it
-                    load_full_state(model, inner, read_checked_weights(model, path, trainable_only), saved, trainable_only)
-                else:
-                    load_weights(accelerator.unwrap_model(model), path, trainable_only)
-                    inner.load_state_dict(saved)
-            except (ValueError, ShardedCheckpointError) as error:  # torch: "... group that doesn't match the size ..."
-                raise CheckpointError(
-                    f"{path / 'optimizer.pt'}: its parameter groups hold other parameters than this run trains ({error}); "
-                    "the freeze policy (modules.*.train) differs from the run that saved it"
-                ) from None
+            self._load_full(path, model, optimizer, state.get("trainable_only", False))
         rank = accelerator.process_index
         # Every rank gets every old rank's data position (on another world size the stream works out what is left
         # from all of them); a rank that did not exist before starts from a seeded RNG.

@@ -43,7 +43,7 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
 # What a run writes into its folder; `train.overwrite` removes exactly these.
 RUN_FILES: tuple[str, ...] = (
     "checkpoints", "metrics.jsonl", "bad_records.jsonl", "bad_records_summary.json", "final", "adapter", "eval", "init",
-    "run.json", "config.yaml",
+    "run.json", "config.yaml", "deepspeed_universal",
 )
 
 

@@ -155,17 +155,32 @@ def _own_state(folder: Path, stem: str, rank: int, world: int, templates: dict) 
     return state
 
 
+def _shard_of(value: torch.Tensor, template) -> torch.Tensor:
+    """This rank's shard of the full `value`, cut on the CPU, as a DTensor placed like `template` (dim-0 chunks as
+    `torch.chunk` cuts them, empty for ranks past the last chunk, as DTensor's `Shard(0)` does)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh, placement = template.device_mesh, template.placements[0]
+    local = value
+    if isinstance(placement, Shard):
+        chunks = torch.chunk(value, mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        local = chunks[rank] if rank < len(chunks) else value.new_empty((0, *value.shape[1:]))
+    return DTensor.from_local(local.to(template.dtype).contiguous().to(template.device), mesh, template.placements,
+                              shape=template.shape, stride=template.stride())
+
+
 def _placed_like(state: dict, templates: dict) -> dict:
     """A full flat state with each tensor cut to this rank's shard of its template's placement (every rank holds
-    the full tensors, so no communication; torch's `full_state_dict` loading would broadcast them instead)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    the full tensors, so no communication; torch's `full_state_dict` loading broadcasts them instead, and fails on
+    another world size)."""
+    from torch.distributed.tensor import DTensor
 
     placed = {}
     for key, value in state.items():
         template = templates.get(key)
         if isinstance(template, DTensor) and isinstance(value, torch.Tensor) and value.shape == template.shape:
-            value = distribute_tensor(value.to(template.device, template.dtype), template.device_mesh,
-                                      template.placements, src_data_rank=None)
+            value = _shard_of(value, template)
         placed[key] = value
     return placed
 
@@ -175,12 +190,16 @@ def _optimizer_templates(keys, model_templates: dict) -> dict:
     return {key: model_templates.get(key.removeprefix("state.").rsplit(".", 1)[0]) for key in keys}
 
 
-def _set_fsdp_state(model, optimizer, model_state: dict, optimizer_state: dict, trainable_only: bool) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+def _set_fsdp_model_state(model, model_state: dict, trainable_only: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    options = _options(strict=not trainable_only)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_model_state_dict(model, model_state, options=_options(strict=not trainable_only))
+
+
+def _set_fsdp_optimizer_state(model, optimizer, optimizer_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_options())
 
 
 def load_sharded(model, optimizer, folder: Path, rank: int, world: int, trainable_only: bool = False) -> None:
@@ -202,12 +221,13 @@ def load_sharded(model, optimizer, folder: Path, rank: int, world: int, trainabl
         model_state = _placed_like(read_full_state(folder, MODEL_STEM), templates)
         full_optimizer = read_full_state(folder, OPTIMIZER_STEM)
         optimizer_state = _placed_like(full_optimizer, _optimizer_templates(full_optimizer, templates))
-    _set_fsdp_state(model, optimizer, model_state, optimizer_state, trainable_only)
+    _set_fsdp_model_state(model, model_state, trainable_only)
+    _set_fsdp_optimizer_state(model, optimizer, optimizer_state)
 
 
-def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, trainable_only: bool = False) -> None:
-    """An unsharded checkpoint (full tensors keyed by name, and `optimizer.state_dict()` as saved by one process or
-    DDP) into the FSDP2 `model` and its `optimizer` (collective): every rank reads the full state and keeps its shards."""
+def load_full_model_state(model, model_state: dict, trainable_only: bool = False) -> None:
+    """Full tensors keyed by name (an unsharded checkpoint, tied weights saved once) into the FSDP2 `model`
+    (collective): every rank reads the full state and keeps its shards."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     model_state = dict(model_state)
@@ -219,9 +239,16 @@ def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, 
         if name not in model_state and id(parameter) in by_parameter:
             model_state[name] = model_state[by_parameter[id(parameter)]]
     templates = get_model_state_dict(model, options=_options())
-    flat_optimizer = _by_parameter_name(optimizer_state, model, optimizer)
-    _set_fsdp_state(model, optimizer, _placed_like(model_state, templates),
-                    _placed_like(flat_optimizer, _optimizer_templates(flat_optimizer, templates)), trainable_only)
+    _set_fsdp_model_state(model, _placed_like(model_state, templates), trainable_only)
+
+
+def load_full_optimizer_state(model, optimizer, optimizer_state: dict) -> None:
+    """`optimizer.state_dict()` as one process or DDP saved it into the optimizer of the FSDP2 `model` (collective)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    templates = get_model_state_dict(model, options=_options())
+    flat = _by_parameter_name(optimizer_state, model, optimizer)
+    _set_fsdp_optimizer_state(model, optimizer, _placed_like(flat, _optimizer_templates(flat, templates)))
 
 
 def _by_parameter_name(saved: dict, model, optimizer) -> dict:
@@ -240,7 +267,7 @@ def _by_parameter_name(saved: dict, model, optimizer) -> dict:
         settings = {key: value for key, value in saved_group.items() if key != "params"}
         for parameter, index in zip(group["params"], saved_group["params"]):
             fqn = names[parameter]
-            for key, value in saved["state"].get(index, {}).items():
+            for key, value in saved["state"].get(index, {}).items():  # none for a parameter without a gradient yet
                 flat[f"state.{fqn}.{key}"] = value
             for key, value in settings.items():
                 flat[f"param_groups.{fqn}.{key}"] = value
@@ -267,4 +294,4 @@ def _by_parameter_index(flat: dict, model, optimizer) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-__all__ = ["ShardedCheckpointError", "load_full_state", "load_sharded", "read_full_state", "save_sharded", "saved_world_size"]
+__all__ = ["ShardedCheckpointError", "load_full_model_state", "load_full_optimizer_state", "load_sharded", "read_full_state", "save_sharded", "saved_world_size"]
