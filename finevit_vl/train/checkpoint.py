@@ -15,9 +15,10 @@ Layout::
 
 Nothing in a FineViT-VL checkpoint is unpickled, with one exception: DeepSpeed's own files (`sharded/engine/`), which
 DeepSpeed writes with `torch.save` of Python objects and reads with `weights_only=False`; they are read only after
-the manifest check, by a DeepSpeed run or by DeepSpeed's `zero_to_fp32` in `finevit-vl export` (and the universal
-copy a world-size change makes from them is made, read and removed within one resume: `deepspeed_checkpoint`). Otherwise: weights are safetensors, the optimizer state goes through
-`torch.load(weights_only=True)`, the rest is JSON / YAML, and a file that the manifest does not list is refused.
+the manifest check, by a DeepSpeed run or by DeepSpeed's `zero_to_fp32` in `finevit-vl export` (the universal copy
+a world-size change makes from them is made, read and removed within one resume: `deepspeed_checkpoint`).
+Otherwise: weights are safetensors, the optimizer state goes through `torch.load(weights_only=True)`, the rest is
+JSON / YAML, and a file that the manifest does not list is refused.
 The scheduler is not stored: it is a function of the step and the config, rebuilt on resume (so a deliberately
 changed learning rate takes effect).
 
@@ -265,8 +266,8 @@ def read_checked_weights(model: torch.nn.Module, path: Path, trainable_only: boo
     """A checkpoint's full tensors for `model`, checked: every expected tensor is there, with its shape.
 
     Full fine-tune checkpoints may omit tied weights (saved once); LoRA checkpoints hold the trainable tensors; FSDP2
-    checkpoints hold every rank's shards, assembled here into the full tensors; DeepSpeed's are gathered by DeepSpeed. `model` may itself be sharded by
-    FSDP2 (its state dict then has the global shapes).
+    checkpoints hold every rank's shards, assembled here into the full tensors; DeepSpeed's are gathered by DeepSpeed.
+    `model` may itself be sharded by FSDP2 (its state dict then has the global shapes).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file

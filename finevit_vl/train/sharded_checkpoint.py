@@ -12,7 +12,8 @@ Resuming on the same world size, each rank reads its own file and the shards go 
 size, or to export a checkpoint without launching its processes, the full tensors are assembled from every rank's
 file (chunks concatenated in rank order, checked against the global shape) and each rank cuts its own shards for
 the new mesh before `set_*_state_dict`. An unsharded checkpoint (one process / DDP) goes into FSDP2 the same way
-(`load_full_state`): every rank reads the full tensors, so each needs the memory of one full copy while it loads.
+(`load_full_model_state`, `load_full_optimizer_state`): every rank reads the full tensors into CPU memory and moves
+only its shards to the device.
 
 Why not torch's DCP file format: its `.metadata` is a pickle, and a FineViT-VL checkpoint unpickles nothing
 (`finevit_vl.train.checkpoint`).
@@ -147,8 +148,7 @@ def _own_state(folder: Path, stem: str, rank: int, world: int, templates: dict) 
     for key, local in tensors.items():
         template = templates.get(key)
         if isinstance(template, DTensor) and list(template.shape) == layout[key]["shape"]:  # not an AdamW step
-            local = DTensor.from_local(local.to(template.device), template.device_mesh, template.placements,
-                                       shape=torch.Size(layout[key]["shape"]), stride=template.stride())
+            local = _as_dtensor(local, template)
         state[key] = local
     for key, target in aliases.items():
         state[key] = state[target]
@@ -158,7 +158,7 @@ def _own_state(folder: Path, stem: str, rank: int, world: int, templates: dict) 
 def _shard_of(value: torch.Tensor, template) -> torch.Tensor:
     """This rank's shard of the full `value`, cut on the CPU, as a DTensor placed like `template` (dim-0 chunks as
     `torch.chunk` cuts them, empty for ranks past the last chunk, as DTensor's `Shard(0)` does)."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import Shard
 
     mesh, placement = template.device_mesh, template.placements[0]
     local = value
@@ -166,7 +166,14 @@ def _shard_of(value: torch.Tensor, template) -> torch.Tensor:
         chunks = torch.chunk(value, mesh.size(), dim=0)
         rank = mesh.get_local_rank()
         local = chunks[rank] if rank < len(chunks) else value.new_empty((0, *value.shape[1:]))
-    return DTensor.from_local(local.to(template.dtype).contiguous().to(template.device), mesh, template.placements,
+    return _as_dtensor(local.to(template.dtype).contiguous(), template)
+
+
+def _as_dtensor(local: torch.Tensor, template):
+    """This rank's shard `local` as a DTensor placed like `template` (moved to its device, no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local.to(template.device), template.device_mesh, template.placements,
                               shape=template.shape, stride=template.stride())
 
 
@@ -294,4 +301,12 @@ def _by_parameter_index(flat: dict, model, optimizer) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-__all__ = ["ShardedCheckpointError", "load_full_model_state", "load_full_optimizer_state", "load_sharded", "read_full_state", "save_sharded", "saved_world_size"]
+__all__ = [
+    "ShardedCheckpointError",
+    "load_full_model_state",
+    "load_full_optimizer_state",
+    "load_sharded",
+    "read_full_state",
+    "save_sharded",
+    "saved_world_size",
+]
